@@ -1,0 +1,14 @@
+//! Reading the JSON config files that every diffusers component ships.
+
+use std::path::Path;
+
+use anyhow::Context;
+use serde::de::DeserializeOwned;
+
+/// Parses a component's JSON config, naming the file in any error.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("malformed config file {}", path.display()))
+}

@@ -1,0 +1,168 @@
+//! Images in and out: decoded latents to RGB, PNGs that record how they were made, written
+//! atomically, and input images read with their path named in every error.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+
+/// The key A1111 and its ecosystem read generation parameters from.
+pub const PARAMETERS_KEY: &str = "parameters";
+
+/// VAE decoder output `[B, 3, H, W]` in [-1, 1] to 8-bit images, as diffusers does:
+/// `clamp(x / 2 + 0.5, 0, 1)` in f32, then numpy's `(v * 255).round()` (ties to even).
+pub fn decoded_to_images(decoded: &Tensor) -> anyhow::Result<Vec<RgbImage>> {
+    let (batch, channels, height, width) = decoded.dims4()?;
+    if channels != 3 {
+        bail!("the VAE decoded {channels} channels, expected 3 (RGB)");
+    }
+    let unit = ((decoded.to_dtype(DType::F32)? / 2.0)? + 0.5)?
+        .clamp(0f32, 1f32)?
+        .permute((0, 2, 3, 1))?
+        .to_device(&Device::Cpu)?;
+    (0..batch)
+        .map(|i| {
+            let data = unit
+                .get(i)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(|v| (v * 255.0).round_ties_even() as u8)
+                .collect();
+            RgbImage::from_raw(width as u32, height as u32, data)
+                .context("decoded image has an inconsistent size")
+        })
+        .collect()
+}
+
+/// Writes `image` as PNG with `parameters` in a text chunk, through a temporary file renamed
+/// into place, so a crash never leaves a half-written image. Refuses to replace an existing
+/// file unless `overwrite`.
+pub fn save_png(
+    image: &RgbImage,
+    path: &Path,
+    parameters: &str,
+    overwrite: bool,
+) -> anyhow::Result<()> {
+    if !overwrite && path.exists() {
+        bail!(
+            "{} already exists (pass --overwrite to replace it)",
+            path.display()
+        );
+    }
+    let bytes = encode_png(image, parameters)?;
+    write_atomically(path, &bytes, overwrite)
+}
+
+/// Encodes an RGB PNG with one text chunk: tEXt when the text is Latin-1, else iTXt (as PIL
+/// does for A1111).
+pub fn encode_png(image: &RgbImage, parameters: &str) -> anyhow::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    let mut encoder = png::Encoder::new(&mut bytes, image.width(), image.height());
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let key = PARAMETERS_KEY.to_string();
+    if parameters.chars().all(|c| (c as u32) < 256) {
+        encoder.add_text_chunk(key, parameters.to_string())?;
+    } else {
+        encoder.add_itxt_chunk(key, parameters.to_string())?;
+    }
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(image.as_raw())?;
+    writer.finish()?;
+    Ok(bytes)
+}
+
+/// Reads the `parameters` text of a PNG (tEXt, zTXt or iTXt), if any.
+pub fn read_png_parameters(path: &Path) -> anyhow::Result<Option<String>> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .with_context(|| format!("{} is not a readable PNG", path.display()))?;
+    let info = reader.info();
+    let latin1 = info
+        .uncompressed_latin1_text
+        .iter()
+        .find(|c| c.keyword == PARAMETERS_KEY)
+        .map(|c| c.text.clone());
+    let utf8 = || {
+        info.utf8_text
+            .iter()
+            .find(|c| c.keyword == PARAMETERS_KEY)
+            .and_then(|c| c.get_text().ok())
+    };
+    Ok(latin1.or_else(utf8))
+}
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it, then renames it over `path`.
+pub fn write_atomically(path: &Path, bytes: &[u8], overwrite: bool) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let mut file = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot write into {}", dir.display()))?;
+    file.write_all(bytes)
+        .and_then(|_| file.as_file().sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    let persisted = if overwrite {
+        file.persist(path).map(|_| ())
+    } else {
+        file.persist_noclobber(path).map(|_| ())
+    };
+    persisted.with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Opens an image of any supported format as RGB, naming the path when it cannot.
+pub fn load_rgb(path: &Path) -> anyhow::Result<RgbImage> {
+    let image = image::ImageReader::open(path)
+        .with_context(|| format!("cannot open image {}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("cannot read image {}", path.display()))?
+        .decode()
+        .with_context(|| format!("cannot decode image {}", path.display()))?;
+    Ok(image.to_rgb8())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_survive_a_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = RgbImage::from_fn(8, 4, |x, y| image::Rgb([x as u8 * 30, y as u8 * 60, 7]));
+        for (name, text) in [("latin.png", "a cat\nSteps: 5"), ("utf8.png", "一只猫 🐱\nSteps: 5")] {
+            let path = dir.path().join(name);
+            save_png(&image, &path, text, false).unwrap();
+            assert_eq!(read_png_parameters(&path).unwrap().as_deref(), Some(text));
+            assert_eq!(load_rgb(&path).unwrap(), image);
+        }
+    }
+
+    #[test]
+    fn existing_files_are_kept_unless_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.png");
+        let image = RgbImage::new(2, 2);
+        save_png(&image, &path, "first", false).unwrap();
+        let err = save_png(&image, &path, "second", false).unwrap_err();
+        assert!(err.to_string().contains("--overwrite"), "{err}");
+        assert_eq!(read_png_parameters(&path).unwrap().as_deref(), Some("first"));
+        save_png(&image, &path, "second", true).unwrap();
+        assert_eq!(read_png_parameters(&path).unwrap().as_deref(), Some("second"));
+    }
+
+    #[test]
+    fn decoded_values_map_like_diffusers() {
+        let decoded = Tensor::new(&[-1.5f32, -1.0, 0.0, 0.5, 1.0, 3.0], &Device::Cpu)
+            .unwrap()
+            .reshape((1, 3, 1, 2))
+            .unwrap();
+        let images = decoded_to_images(&decoded).unwrap();
+        // x/2+0.5 clamped, times 255, ties to even: 0, 0 | 128 (127.5), 191 | 255, 255
+        assert_eq!(images[0].as_raw(), &vec![0, 128, 255, 0, 191, 255]);
+    }
+}

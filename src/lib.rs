@@ -1,0 +1,20 @@
+//! ldm: a latent diffusion toolkit.
+//!
+//! The tree mirrors the latent diffusion model: `models` holds the three networks (CLIP text
+//! encoder, VAE, U-Net), `schedulers` the samplers, `pipelines` the generation modes that share
+//! one denoising loop, `rng` the PyTorch-compatible noise source, `image_io` the PNG side,
+//! `model_source` where a pipeline's files come from, and `cli` the thin command-line layer.
+
+#[cfg(any())] // WIP: enabled once the models land
+pub mod cli;
+pub mod config;
+pub mod device;
+pub mod image_io;
+pub mod infotext;
+pub mod model_source;
+pub mod models;
+#[cfg(any())] // WIP: enabled once the models land
+pub mod pipelines;
+pub mod rng;
+pub mod schedulers;
+pub mod tokenizer;

@@ -1,0 +1,224 @@
+//! Where a pipeline's files come from: a local diffusers folder, a hub repo, a preset name, or
+//! the embedded default model in `weights/`.
+//!
+//! Whatever the source, the result is a local folder in the diffusers layout
+//! (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use hf_hub::api::sync::{ApiBuilder, ApiRepo};
+use hf_hub::{Cache, Repo};
+
+/// Presets users can name instead of a hub repo id.
+pub const PRESETS: &[(&str, &str)] = &[
+    ("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    ("sd21", "stabilityai/stable-diffusion-2-1"),
+    ("sd21-base", "stabilityai/stable-diffusion-2-1-base"),
+    ("sd-turbo", "stabilityai/sd-turbo"),
+];
+
+/// Environment variable that points the default model elsewhere than `weights/`.
+pub const DEFAULT_MODEL_ENV: &str = "LDM_DEFAULT_MODEL";
+
+/// The model components a pipeline loads, with the weight file stem diffusers gives each.
+pub const COMPONENTS: &[(&str, &str)] = &[
+    ("unet", "diffusion_pytorch_model"),
+    ("vae", "diffusion_pytorch_model"),
+    ("text_encoder", "model"),
+];
+
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/special_tokens_map.json",
+];
+const TOKENIZER_PAIR: &[&str] = &["tokenizer/vocab.json", "tokenizer/merges.txt"];
+
+/// A pipeline folder on local disk, and the name it is known by (recorded in image metadata).
+#[derive(Debug, Clone)]
+pub struct PipelineFolder {
+    pub root: PathBuf,
+    pub name: String,
+}
+
+impl PipelineFolder {
+    /// Resolves `--model`: `None` means the embedded default.
+    pub fn resolve(model: Option<&str>, half_precision: bool) -> anyhow::Result<Self> {
+        let Some(model) = model else {
+            return Self::local(&default_model_dir(), "ldm-default");
+        };
+        let path = Path::new(model);
+        if path.is_dir() {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| model.to_string());
+            return Self::local(path, &name);
+        }
+        if let Some((_, repo)) = PRESETS.iter().find(|(preset, _)| *preset == model) {
+            return Self::from_hub(repo, half_precision);
+        }
+        if looks_like_repo_id(model) && !path.exists() {
+            return Self::from_hub(model, half_precision);
+        }
+        bail!(
+            "model {model:?} is neither a pipeline folder, a hub repo id (owner/name) nor a preset ({})",
+            PRESETS.iter().map(|(p, _)| *p).collect::<Vec<_>>().join(", ")
+        )
+    }
+
+    fn local(root: &Path, name: &str) -> anyhow::Result<Self> {
+        let index = root.join("model_index.json");
+        if !index.is_file() {
+            bail!(
+                "{} is not a diffusers pipeline folder: {} is missing",
+                root.display(),
+                index.display()
+            );
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+            name: name.to_string(),
+        })
+    }
+
+    /// Fetches only the files a pipeline needs (the fp16 weights when running in half
+    /// precision and the repo has them), through the hub cache.
+    fn from_hub(repo_id: &str, half_precision: bool) -> anyhow::Result<Self> {
+        let hub = HubRepo::open(repo_id)?;
+        let index = hub.required("model_index.json")?;
+        for file in ["scheduler/scheduler_config.json"]
+            .iter()
+            .chain(TOKENIZER_FILES)
+        {
+            hub.required(file)?;
+        }
+        if hub.optional("tokenizer/tokenizer.json").is_none() {
+            for file in TOKENIZER_PAIR {
+                hub.required(file)?;
+            }
+        }
+        for (component, stem) in COMPONENTS {
+            hub.required(&format!("{component}/config.json"))?;
+            let fp16 = format!("{component}/{stem}.fp16.safetensors");
+            if !(half_precision && hub.optional(&fp16).is_some()) {
+                hub.required(&format!("{component}/{stem}.safetensors"))?;
+            }
+        }
+        let root = index
+            .parent()
+            .context("hub cache path has no parent")?
+            .to_path_buf();
+        Ok(Self {
+            root,
+            name: repo_id.to_string(),
+        })
+    }
+
+    /// `<root>/<component>/config.json`.
+    pub fn config(&self, component: &str) -> PathBuf {
+        self.root.join(component).join("config.json")
+    }
+
+    /// The component's safetensors weights: the fp16 variant when running in half precision
+    /// and present, else the full-precision file.
+    pub fn weights(&self, component: &str, half_precision: bool) -> anyhow::Result<PathBuf> {
+        let stem = COMPONENTS
+            .iter()
+            .find(|(c, _)| *c == component)
+            .map(|(_, stem)| *stem)
+            .with_context(|| format!("unknown pipeline component {component}"))?;
+        let dir = self.root.join(component);
+        let fp16 = dir.join(format!("{stem}.fp16.safetensors"));
+        let full = dir.join(format!("{stem}.safetensors"));
+        if half_precision && fp16.is_file() {
+            Ok(fp16)
+        } else if full.is_file() {
+            Ok(full)
+        } else if fp16.is_file() {
+            Ok(fp16)
+        } else {
+            bail!("missing weights file {}", full.display())
+        }
+    }
+}
+
+fn looks_like_repo_id(s: &str) -> bool {
+    let mut parts = s.split('/');
+    matches!((parts.next(), parts.next(), parts.next()), (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty())
+}
+
+/// `weights/` of this crate, unless `LDM_DEFAULT_MODEL` points elsewhere.
+pub fn default_model_dir() -> PathBuf {
+    std::env::var_os(DEFAULT_MODEL_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("weights"))
+}
+
+/// A hub repo seen through the local cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else
+/// `~/.cache/huggingface/hub`); files are downloaded only when missing, and never when
+/// `HF_HUB_OFFLINE=1`.
+struct HubRepo {
+    id: String,
+    cache: hf_hub::CacheRepo,
+    api: Option<ApiRepo>,
+}
+
+impl HubRepo {
+    fn open(id: &str) -> anyhow::Result<Self> {
+        let cache = match std::env::var_os("HF_HUB_CACHE") {
+            Some(dir) => Cache::new(PathBuf::from(dir)),
+            None => Cache::from_env(),
+        };
+        let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
+        let api = if offline {
+            None
+        } else {
+            let api = ApiBuilder::from_cache(cache.clone())
+                .build()
+                .context("cannot set up the hub client")?;
+            Some(api.repo(Repo::model(id.to_string())))
+        };
+        Ok(Self {
+            id: id.to_string(),
+            cache: cache.repo(Repo::model(id.to_string())),
+            api,
+        })
+    }
+
+    fn fetch(&self, file: &str) -> anyhow::Result<PathBuf> {
+        if let Some(path) = self.cache.get(file) {
+            return Ok(path);
+        }
+        match &self.api {
+            Some(api) => api
+                .get(file)
+                .with_context(|| format!("cannot download {file} from hub repo {}", self.id)),
+            None => bail!(
+                "{file} of hub repo {} is not in the local cache and HF_HUB_OFFLINE is set",
+                self.id
+            ),
+        }
+    }
+
+    fn required(&self, file: &str) -> anyhow::Result<PathBuf> {
+        self.fetch(file)
+    }
+
+    fn optional(&self, file: &str) -> Option<PathBuf> {
+        self.fetch(file).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_ids_are_owner_slash_name() {
+        assert!(looks_like_repo_id("stabilityai/sd-turbo"));
+        assert!(!looks_like_repo_id("sd15"));
+        assert!(!looks_like_repo_id("a/b/c"));
+        assert!(!looks_like_repo_id("/abs"));
+    }
+}

@@ -1,0 +1,126 @@
+//! Generation modes built on one Stable Diffusion model and ONE denoising loop (`denoise`).
+//!
+//! `StableDiffusion` holds the loaded components; txt2img (and later img2img and inpainting)
+//! prepare initial latents and conditioning, then all call `StableDiffusion::denoise`.
+
+mod denoise;
+mod txt2img;
+
+pub use denoise::DenoiseSpec;
+pub use txt2img::{GenerateRequest, Generated};
+
+use std::path::Path;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::model_source::PipelineFolder;
+use crate::models::clip::{ClipTextConfig, ClipTextModel};
+use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::schedulers::SchedulerConfig;
+use crate::tokenizer::PromptTokenizer;
+
+/// A loaded Stable Diffusion pipeline: tokenizer, text encoder, U-Net, VAE and the scheduler
+/// config, all read from the pipeline's own files.
+pub struct StableDiffusion {
+    pub tokenizer: PromptTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet2DConditionModel,
+    pub unet_config: UNet2DConditionConfig,
+    pub vae: AutoencoderKL,
+    pub vae_config: AutoencoderKLConfig,
+    pub scheduler_config: SchedulerConfig,
+    pub model_name: String,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl StableDiffusion {
+    pub fn load(folder: &PipelineFolder, device: &Device, dtype: DType) -> anyhow::Result<Self> {
+        let half = dtype != DType::F32;
+        let tokenizer = PromptTokenizer::from_dir(&folder.root.join("tokenizer"))?;
+        let scheduler_config =
+            SchedulerConfig::from_file(&folder.root.join("scheduler/scheduler_config.json"))?;
+
+        let clip_config = ClipTextConfig::from_file(&folder.config("text_encoder"))?;
+        let vb = weights(&folder.weights("text_encoder", half)?, dtype, device)?;
+        let text_encoder = ClipTextModel::new(vb, &clip_config)
+            .with_context(|| component_error(folder, "text_encoder"))?;
+
+        let unet_config = UNet2DConditionConfig::from_file(&folder.config("unet"))?;
+        let vb = weights(&folder.weights("unet", half)?, dtype, device)?;
+        let unet = UNet2DConditionModel::new(vb, &unet_config)
+            .with_context(|| component_error(folder, "unet"))?;
+
+        let vae_config = AutoencoderKLConfig::from_file(&folder.config("vae"))?;
+        let vb = weights(&folder.weights("vae", half)?, dtype, device)?;
+        let vae = AutoencoderKL::new(vb, &vae_config)
+            .with_context(|| component_error(folder, "vae"))?;
+
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            unet_config,
+            vae,
+            vae_config,
+            scheduler_config,
+            model_name: folder.name.clone(),
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// How many pixels one latent cell covers along each side.
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae_config.vae_scale_factor()
+    }
+
+    /// The image size the U-Net was trained at (diffusers' default width and height).
+    pub fn default_size(&self) -> usize {
+        self.unet_config.sample_size * self.vae_scale_factor()
+    }
+
+    /// Prompt embeddings `[B, L, D]` for a batch of prompts, warning about truncation.
+    pub fn encode_prompts(&self, prompts: &[&str]) -> anyhow::Result<Tensor> {
+        let mut ids = Vec::with_capacity(prompts.len());
+        for prompt in prompts {
+            let tokens = self.tokenizer.encode(prompt)?;
+            if tokens.truncated {
+                eprintln!(
+                    "warning: the prompt is {} tokens long; CLIP reads only the first {}: {prompt:?}",
+                    tokens.untruncated_len,
+                    self.tokenizer.max_length()
+                );
+            }
+            ids.push(Tensor::new(tokens.ids.as_slice(), &self.device)?);
+        }
+        let ids = Tensor::stack(&ids, 0)?;
+        Ok(self.text_encoder.forward(&ids)?)
+    }
+
+    /// Latents to the VAE decoder's `[-1, 1]` image space, undoing the latent scaling.
+    pub fn decode_latents(&self, latents: &Tensor) -> anyhow::Result<Tensor> {
+        let mut latents = (latents / self.vae_config.scaling_factor)?;
+        if let Some(shift) = self.vae_config.shift_factor {
+            latents = (latents + shift)?;
+        }
+        Ok(self.vae.decode(&latents)?)
+    }
+}
+
+fn weights(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<VarBuilder<'static>> {
+    // Safety: the file is memory-mapped read-only; like every safetensors reader we assume it
+    // is not modified while the pipeline runs.
+    unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }
+        .with_context(|| format!("cannot read weights file {}", path.display()))
+}
+
+fn component_error(folder: &PipelineFolder, component: &str) -> String {
+    format!(
+        "cannot build the {component} from {}",
+        folder.root.join(component).display()
+    )
+}
