@@ -126,6 +126,49 @@ pub fn load_rgb(path: &Path) -> anyhow::Result<RgbImage> {
     Ok(image.to_rgb8())
 }
 
+/// A source image as diffusers' `VaeImageProcessor` prepares it: resized (Lanczos) to
+/// `width`x`height` when its size differs, then `[3, H, W]` in [-1, 1] (f32, CPU).
+pub fn source_image_tensor(image: &RgbImage, width: usize, height: usize) -> anyhow::Result<Tensor> {
+    let image = resize_rgb(image, width, height);
+    let data: Vec<f32> = image.as_raw().iter().map(|&v| v as f32 / 255.0 * 2.0 - 1.0).collect();
+    Ok(Tensor::from_vec(data, (height, width, 3), &Device::Cpu)?.permute((2, 0, 1))?.contiguous()?)
+}
+
+/// An inpainting mask as diffusers' mask processor prepares it: grayscale with PIL's `L`
+/// weights, resized to `width`x`height`, then binarised (>= 0.5 → 1: repaint). `[1, H, W]`.
+pub fn mask_tensor(mask: &RgbImage, width: usize, height: usize) -> anyhow::Result<Tensor> {
+    let gray = image::GrayImage::from_fn(mask.width(), mask.height(), |x, y| {
+        let [r, g, b] = mask.get_pixel(x, y).0.map(u32::from);
+        // PIL's ITU-R 601-2 luma in 16-bit fixed point.
+        image::Luma([((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16) as u8])
+    });
+    let gray = if (gray.width() as usize, gray.height() as usize) == (width, height) {
+        gray
+    } else {
+        image::imageops::resize(&gray, width as u32, height as u32, image::imageops::FilterType::Lanczos3)
+    };
+    let data: Vec<f32> = gray
+        .as_raw()
+        .iter()
+        .map(|&v| if v as f32 / 255.0 >= 0.5 { 1.0 } else { 0.0 })
+        .collect();
+    Ok(Tensor::from_vec(data, (1, height, width), &Device::Cpu)?)
+}
+
+fn resize_rgb(image: &RgbImage, width: usize, height: usize) -> RgbImage {
+    if (image.width() as usize, image.height() as usize) == (width, height) {
+        image.clone()
+    } else {
+        image::imageops::resize(image, width as u32, height as u32, image::imageops::FilterType::Lanczos3)
+    }
+}
+
+/// diffusers' default size for a source image: its own, rounded down to a multiple of `factor`.
+pub fn default_size(image: &RgbImage, factor: usize) -> (usize, usize) {
+    let round = |v: u32| (v as usize / factor) * factor;
+    (round(image.width()), round(image.height()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,6 +196,21 @@ mod tests {
         assert_eq!(read_png_parameters(&path).unwrap().as_deref(), Some("first"));
         save_png(&image, &path, "second", true).unwrap();
         assert_eq!(read_png_parameters(&path).unwrap().as_deref(), Some("second"));
+    }
+
+    #[test]
+    fn masks_are_binarised_and_sources_normalised() {
+        let mask = RgbImage::from_fn(4, 2, |x, _| {
+            if x < 2 { image::Rgb([255, 255, 255]) } else { image::Rgb([100, 120, 130]) }
+        });
+        let mask = mask_tensor(&mask, 4, 2).unwrap();
+        assert_eq!(mask.flatten_all().unwrap().to_vec1::<f32>().unwrap(), [1., 1., 0., 0., 1., 1., 0., 0.]);
+        let source = RgbImage::from_fn(2, 1, |x, _| image::Rgb([0, 255 * x as u8, 51]));
+        let source = source_image_tensor(&source, 2, 1).unwrap();
+        assert_eq!(source.dims(), [3, 1, 2]);
+        let values = source.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(&values[..4], &[-1.0, -1.0, -1.0, 1.0]);
+        assert_eq!(default_size(&RgbImage::new(70, 33), 8), (64, 32));
     }
 
     #[test]

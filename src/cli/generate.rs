@@ -1,4 +1,4 @@
-//! `ldm txt2img`: options shared by the generation commands, output naming and progress.
+//! `ldm txt2img`, `img2img` and `inpaint`: the options they share, output naming and progress.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -8,8 +8,9 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::device::{DeviceSpec, Precision};
+use crate::prompt_file::{self, JobDefaults};
 use crate::model_source::PipelineFolder;
-use crate::pipelines::{GenerateRequest, Generated, StableDiffusion};
+use crate::pipelines::{Generated, ImageJob, Sampling, SourceImage, StableDiffusion};
 use crate::schedulers::SamplerKind;
 
 /// Model, device and precision: how a pipeline is loaded.
@@ -94,6 +95,19 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
+    /// The run's settings; width and height given here are defaults for unset flags.
+    pub fn sampling(&self, width: usize, height: usize, strength: f64) -> Sampling {
+        Sampling {
+            sampler: self.scheduler,
+            steps: self.steps,
+            guidance_scale: self.guidance_scale,
+            eta: self.eta,
+            width: self.width.unwrap_or(width),
+            height: self.height.unwrap_or(height),
+            strength,
+        }
+    }
+
     /// The seeds of this run: the given one (or a random one, printed) counting up.
     fn seeds(&self) -> Vec<u64> {
         let base = match self.seed {
@@ -193,54 +207,305 @@ fn numbered(path: &Path, index: usize) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// The prompt, positional or as A1111 / stable-diffusion.cpp users type it.
 #[derive(Debug, Args)]
-pub struct Txt2ImgArgs {
+pub struct PromptArgs {
     /// The prompt (or give it with -p/--prompt).
-    #[arg(value_name = "PROMPT", required_unless_present = "prompt_flag")]
+    #[arg(value_name = "PROMPT", required_unless_present_any = ["prompt_flag", "from_file"])]
     pub prompt: Option<String>,
 
-    /// The prompt, as A1111 and stable-diffusion.cpp users type it.
+    /// The prompt.
     #[arg(short = 'p', long = "prompt", value_name = "TEXT", conflicts_with = "prompt")]
     pub prompt_flag: Option<String>,
+}
+
+impl PromptArgs {
+    fn text(&self) -> String {
+        self.prompt.clone().or(self.prompt_flag.clone()).unwrap_or_default()
+    }
+}
+
+/// Many prompts from a file instead of one (see `ldm batch`).
+#[derive(Debug, Args)]
+pub struct BatchArgs {
+    /// Prompt file: one prompt per line, or JSON Lines with per-line overrides.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "prompt_flag", "output"])]
+    pub from_file: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub run: BatchRunArgs,
+}
+
+/// How a prompt file runs.
+#[derive(Debug, Args)]
+pub struct BatchRunArgs {
+    /// Folder for a prompt file's images and its manifest.jsonl; re-running skips what is
+    /// recorded there.
+    #[arg(long, default_value = "outputs", value_name = "DIR")]
+    pub output_dir: PathBuf,
+
+    /// Images per batched forward pass (prompts of the same shape run together).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub batch_size: usize,
+
+    /// Skip malformed prompt-file lines (with a warning) instead of refusing to start.
+    #[arg(long)]
+    pub keep_going: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct Txt2ImgArgs {
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    #[command(flatten)]
+    pub batch: BatchArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct Img2ImgArgs {
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    #[command(flatten)]
+    pub batch: BatchArgs,
+
+    /// The image to start from (any format the image crate reads).
+    #[arg(short = 'i', long, visible_alias = "init-img", value_name = "FILE", required_unless_present = "from_file")]
+    pub image: Option<PathBuf>,
+
+    /// How much to change the image: 0 keeps it, 1 repaints it completely.
+    #[arg(long, visible_alias = "denoising-strength", default_value_t = 0.8, value_name = "S")]
+    pub strength: f64,
 
     #[command(flatten)]
     pub model: ModelArgs,
-
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
 
+#[derive(Debug, Args)]
+pub struct InpaintArgs {
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    #[command(flatten)]
+    pub batch: BatchArgs,
+
+    /// The image to repaint.
+    #[arg(short = 'i', long, visible_alias = "init-img", value_name = "FILE", required_unless_present = "from_file")]
+    pub image: Option<PathBuf>,
+
+    /// The mask: white is repainted, black is kept (any size; resized to the image).
+    #[arg(long, value_name = "FILE", required_unless_present = "from_file")]
+    pub mask: Option<PathBuf>,
+
+    /// How much to change the masked region: 1 repaints it from pure noise.
+    #[arg(long, visible_alias = "denoising-strength", default_value_t = 1.0, value_name = "S")]
+    pub strength: f64,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     #[command(flatten)]
     pub output: OutputArgs,
 }
 
 pub fn txt2img(args: Txt2ImgArgs) -> anyhow::Result<()> {
-    let prompt = args.prompt.or(args.prompt_flag).unwrap_or_default();
-    if args.sampling.num_images == 0 {
-        bail!("--num-images must be at least 1");
-    }
     let pipeline = args.model.load()?;
-    let sampling = &args.sampling;
     let size = pipeline.default_size();
-    let seeds = sampling.seeds();
-    let request = GenerateRequest {
-        prompt,
-        negative_prompt: sampling.negative_prompt.clone(),
-        sampler: sampling.scheduler,
+    let sampling = args.sampling.sampling(size, size, 1.0);
+    if let Some(file) = &args.batch.from_file {
+        return batch(&pipeline, file, &args.batch.run, &args.sampling, &sampling, None, None);
+    }
+    run(&pipeline, &sampling, &args.prompt, &args.sampling, None, &args.output)
+}
+
+pub fn img2img(args: Img2ImgArgs) -> anyhow::Result<()> {
+    let pipeline = args.model.load()?;
+    if let Some(file) = &args.batch.from_file {
+        let size = pipeline.default_size();
+        let sampling = args.sampling.sampling(size, size, args.strength);
+        let image = args.image.as_deref();
+        return batch(&pipeline, file, &args.batch.run, &args.sampling, &sampling, image, None);
+    }
+    let path = args.image.as_deref().context("--image is required")?;
+    let image = crate::image_io::load_rgb(path)?;
+    let (width, height) = source_size(&pipeline, &image, &args.sampling);
+    let sampling = args.sampling.sampling(width, height, args.strength);
+    let source = SourceImage {
+        pixels: crate::image_io::source_image_tensor(&image, width, height)?,
+        mask: None,
+    };
+    run(&pipeline, &sampling, &args.prompt, &args.sampling, Some(source), &args.output)
+}
+
+pub fn inpaint(args: InpaintArgs) -> anyhow::Result<()> {
+    let pipeline = args.model.load()?;
+    if let Some(file) = &args.batch.from_file {
+        let size = pipeline.default_size();
+        let sampling = args.sampling.sampling(size, size, args.strength);
+        let (image, mask) = (args.image.as_deref(), args.mask.as_deref());
+        return batch(&pipeline, file, &args.batch.run, &args.sampling, &sampling, image, mask);
+    }
+    let image_path = args.image.as_deref().context("--image is required")?;
+    let mask_path = args.mask.as_deref().context("--mask is required")?;
+    let image = crate::image_io::load_rgb(image_path)?;
+    let mask = crate::image_io::load_rgb(mask_path)?;
+    if mask.dimensions() != image.dimensions() {
+        eprintln!(
+            "note: the mask is {}x{} and the image {}x{}; the mask is resized to the image",
+            mask.width(),
+            mask.height(),
+            image.width(),
+            image.height()
+        );
+    }
+    let (width, height) = source_size(&pipeline, &image, &args.sampling);
+    let sampling = args.sampling.sampling(width, height, args.strength);
+    let source = SourceImage {
+        pixels: crate::image_io::source_image_tensor(&image, width, height)?,
+        mask: Some(crate::image_io::mask_tensor(&mask, width, height)?),
+    };
+    run(&pipeline, &sampling, &args.prompt, &args.sampling, Some(source), &args.output)
+}
+
+#[derive(Debug, Args)]
+pub struct BatchCommandArgs {
+    /// Prompt file: one prompt per line (# comments), or JSON Lines with per-line overrides
+    /// (negative_prompt, seed, steps, guidance_scale, width, height, scheduler, num_images,
+    /// image, mask, strength).
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+
+    #[command(flatten)]
+    pub run: BatchRunArgs,
+
+    /// Default source image for lines without one (img2img).
+    #[arg(short = 'i', long, value_name = "FILE")]
+    pub image: Option<PathBuf>,
+
+    /// Default mask for lines without one (inpaint).
+    #[arg(long, value_name = "FILE")]
+    pub mask: Option<PathBuf>,
+
+    /// Default strength for lines with a source image.
+    #[arg(long, default_value_t = 0.8, value_name = "S")]
+    pub strength: f64,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+pub fn batch_command(args: BatchCommandArgs) -> anyhow::Result<()> {
+    let pipeline = args.model.load()?;
+    let size = pipeline.default_size();
+    let sampling = args.sampling.sampling(size, size, args.strength);
+    let (image, mask) = (args.image.as_deref(), args.mask.as_deref());
+    batch(&pipeline, &args.file, &args.run, &args.sampling, &sampling, image, mask)
+}
+
+/// Runs a prompt file with the command line's settings as defaults.
+fn batch(
+    pipeline: &StableDiffusion,
+    file: &Path,
+    args: &BatchRunArgs,
+    sampling_args: &SamplingArgs,
+    sampling: &Sampling,
+    image: Option<&Path>,
+    mask: Option<&Path>,
+) -> anyhow::Result<()> {
+    let defaults = JobDefaults {
+        negative_prompt: sampling_args.negative_prompt.clone(),
+        // A fixed base seed keeps re-runs resumable: a random one would make every job new.
+        base_seed: sampling_args.seed.filter(|&s| s >= 0).unwrap_or(0) as u64,
         steps: sampling.steps,
         guidance_scale: sampling.guidance_scale,
         eta: sampling.eta,
-        width: sampling.width.unwrap_or(size),
-        height: sampling.height.unwrap_or(size),
-        seeds,
+        width: sampling.width,
+        height: sampling.height,
+        scheduler: sampling.sampler.to_string(),
+        model: pipeline.model_name.clone(),
+        num_images: sampling_args.num_images,
+        image: image.map(Path::to_path_buf),
+        mask: mask.map(Path::to_path_buf),
+        strength: sampling.strength,
     };
-    pipeline.validate(&request)?;
-    let paths = args.output.image_paths(&request.seeds);
-    args.output.check_writable(&paths)?;
-    let bar = args.output.progress_bar();
-    let generated = pipeline.txt2img(&request, &mut |done, total| {
+    let mut parsed = prompt_file::parse_prompt_file(file)?;
+    parsed.check_with_defaults(&defaults);
+    let entries = parsed.into_entries(file, args.keep_going)?;
+    let jobs = prompt_file::expand_jobs(&entries, &defaults);
+    std::fs::create_dir_all(&args.output_dir)
+        .with_context(|| format!("cannot create {}", args.output_dir.display()))?;
+    let bar = if std::io::stderr().is_terminal() {
+        ProgressBar::new(jobs.len() as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    let summary = pipeline.run_batch(&jobs, &args.output_dir, args.batch_size, &mut |path| {
+        bar.inc(1);
+        bar.suspend(|| println!("{}", path.display()));
+    })?;
+    bar.finish_and_clear();
+    eprintln!(
+        "{} image(s) generated, {} already done, in {}",
+        summary.generated,
+        summary.already_done,
+        args.output_dir.display()
+    );
+    Ok(())
+}
+
+/// `--width/--height`, else the source image's size rounded down to the VAE factor.
+fn source_size(
+    pipeline: &StableDiffusion,
+    image: &image::RgbImage,
+    args: &SamplingArgs,
+) -> (usize, usize) {
+    let (width, height) = crate::image_io::default_size(image, pipeline.vae_scale_factor());
+    (args.width.unwrap_or(width), args.height.unwrap_or(height))
+}
+
+/// Runs one command's images as one batch and writes them.
+fn run(
+    pipeline: &StableDiffusion,
+    sampling: &Sampling,
+    prompt: &PromptArgs,
+    args: &SamplingArgs,
+    source: Option<SourceImage>,
+    output: &OutputArgs,
+) -> anyhow::Result<()> {
+    if args.num_images == 0 {
+        bail!("--num-images must be at least 1");
+    }
+    let prompt = prompt.text();
+    let jobs: Vec<ImageJob> = args
+        .seeds()
+        .into_iter()
+        .map(|seed| ImageJob {
+            prompt: prompt.clone(),
+            negative_prompt: args.negative_prompt.clone(),
+            seed,
+            source: source.clone(),
+        })
+        .collect();
+    pipeline.validate(sampling, &jobs)?;
+    let seeds: Vec<u64> = jobs.iter().map(|j| j.seed).collect();
+    let paths = output.image_paths(&seeds);
+    output.check_writable(&paths)?;
+    let bar = output.progress_bar();
+    let generated = pipeline.generate(sampling, &jobs, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;
     bar.finish_and_clear();
-    args.output.write(&generated, &paths)
+    output.write(&generated, &paths)
 }

@@ -4,7 +4,7 @@ mod generate;
 
 use clap::{Parser, Subcommand};
 
-/// Latent diffusion in Rust: generate images with Stable Diffusion 1.x/2.x pipelines.
+/// Latent diffusion in Rust: generate and edit images with Stable Diffusion 1.x/2.x pipelines.
 #[derive(Debug, Parser)]
 #[command(name = "ldm", version, about, long_about = None, arg_required_else_help = true)]
 pub struct Cli {
@@ -16,6 +16,12 @@ pub struct Cli {
 pub enum Command {
     /// Generate images from a text prompt.
     Txt2img(generate::Txt2ImgArgs),
+    /// Change an image guided by a prompt.
+    Img2img(generate::Img2ImgArgs),
+    /// Repaint the masked region of an image (white = repaint, black = keep).
+    Inpaint(generate::InpaintArgs),
+    /// Generate every prompt of a prompt file; re-running resumes where it stopped.
+    Batch(generate::BatchCommandArgs),
 }
 
 /// Parses the command line and runs it.
@@ -23,5 +29,8 @@ pub fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Txt2img(args) => generate::txt2img(args),
+        Command::Img2img(args) => generate::img2img(args),
+        Command::Inpaint(args) => generate::inpaint(args),
+        Command::Batch(args) => generate::batch_command(args),
     }
 }

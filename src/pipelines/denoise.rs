@@ -11,8 +11,25 @@ pub struct DenoiseSpec<'a> {
     /// Text conditioning: `[2B, L, D]` (unconditional rows first) with guidance, else `[B, L, D]`.
     pub text_embeddings: &'a Tensor,
     pub guidance_scale: f64,
-    /// The first scheduler step to run (img2img starts part-way).
+    /// The first scheduler step to run (img2img and inpainting start part-way).
     pub start_step: usize,
+    pub inpaint: Option<&'a InpaintGuide>,
+}
+
+/// How inpainting steers the loop, chosen by the U-Net's input channels.
+pub enum InpaintGuide {
+    /// An inpainting U-Net (latents + mask + masked-image latents as input channels).
+    Channels {
+        mask: Tensor,
+        masked_image_latents: Tensor,
+    },
+    /// An ordinary U-Net: after every step the kept region is replaced by the source image's
+    /// latents re-noised to the next timestep.
+    Blend {
+        mask: Tensor,
+        image_latents: Tensor,
+        noise: Tensor,
+    },
 }
 
 impl StableDiffusion {
@@ -27,25 +44,34 @@ impl StableDiffusion {
         noise: &mut dyn NoiseSource,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> anyhow::Result<Tensor> {
-        let batch = latents.dim(0)?;
-        let guided = spec.text_embeddings.dim(0)? == 2 * batch;
-        let timesteps = scheduler.timesteps().to_vec();
-        let total = timesteps.len().saturating_sub(spec.start_step);
-        for (done, step_index) in (spec.start_step..timesteps.len()).enumerate() {
-            let model_input = if guided {
-                Tensor::cat(&[&latents, &latents], 0)?
+        let guided = spec.text_embeddings.dim(0)? == 2 * latents.dim(0)?;
+        let duplicate = |t: &Tensor| -> candle_core::Result<Tensor> {
+            if guided {
+                Tensor::cat(&[t, t], 0)
             } else {
-                latents.clone()
+                Ok(t.clone())
+            }
+        };
+        let extra_channels = match spec.inpaint {
+            Some(InpaintGuide::Channels {
+                mask,
+                masked_image_latents,
+            }) => Some(Tensor::cat(&[duplicate(mask)?, duplicate(masked_image_latents)?], 1)?),
+            _ => None,
+        };
+        let num_steps = scheduler.timesteps().len();
+        let total = num_steps.saturating_sub(spec.start_step);
+        for (done, step_index) in (spec.start_step..num_steps).enumerate() {
+            let model_input = scheduler.scale_model_input(&duplicate(&latents)?, step_index)?;
+            let model_input = match &extra_channels {
+                Some(extra) => Tensor::cat(&[&model_input, extra], 1)?,
+                None => model_input,
             };
-            let model_input = scheduler.scale_model_input(&model_input, step_index)?;
-            let t = Tensor::full(
-                timesteps[step_index] as f32,
-                model_input.dim(0)?,
-                &self.device,
-            )?;
+            let timestep = scheduler.timesteps()[step_index] as f32;
+            let timesteps = Tensor::full(timestep, model_input.dim(0)?, &self.device)?;
             let noise_pred = self
                 .unet
-                .forward(&model_input, &t, spec.text_embeddings)?;
+                .forward(&model_input, &timesteps, spec.text_embeddings)?;
             let noise_pred = if guided {
                 let halves = noise_pred.chunk(2, 0)?;
                 let (uncond, cond) = (&halves[0], &halves[1]);
@@ -56,6 +82,19 @@ impl StableDiffusion {
             latents = scheduler
                 .step(&noise_pred, step_index, &latents, noise)?
                 .prev_sample;
+            if let Some(InpaintGuide::Blend {
+                mask,
+                image_latents,
+                noise: initial_noise,
+            }) = spec.inpaint
+            {
+                let known = if step_index + 1 < num_steps {
+                    scheduler.add_noise(image_latents, initial_noise, step_index + 1)?
+                } else {
+                    image_latents.clone()
+                };
+                latents = (((1.0 - mask)? * known)? + (mask * &latents)?)?;
+            }
             on_step(done + 1, total);
         }
         Ok(latents)

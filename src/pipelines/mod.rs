@@ -1,13 +1,15 @@
 //! Generation modes built on one Stable Diffusion model and ONE denoising loop (`denoise`).
 //!
-//! `StableDiffusion` holds the loaded components; txt2img (and later img2img and inpainting)
-//! prepare initial latents and conditioning, then all call `StableDiffusion::denoise`.
+//! `StableDiffusion` holds the loaded components; txt2img, img2img and inpainting
+//! (`generate`) prepare initial latents and conditioning, then all call `denoise`.
 
+mod batch;
 mod denoise;
-mod txt2img;
+mod generate;
 
-pub use denoise::DenoiseSpec;
-pub use txt2img::{GenerateRequest, Generated};
+pub use batch::BatchSummary;
+pub use denoise::{DenoiseSpec, InpaintGuide};
+pub use generate::{Generated, ImageJob, Sampling, SourceImage};
 
 use std::path::Path;
 

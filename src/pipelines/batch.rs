@@ -1,0 +1,107 @@
+//! Batch runs from prompt files: jobs grouped by shape into batched forward passes, each image
+//! saved atomically and recorded in `manifest.jsonl`, so a re-run skips what is done.
+
+use std::path::Path;
+
+use anyhow::Context;
+
+use super::{ImageJob, Sampling, SourceImage, StableDiffusion};
+use crate::batch_manifest::{Manifest, ManifestEntry};
+use crate::prompt_file::{group_for_batching, job_key, Job};
+use crate::schedulers::SamplerKind;
+
+/// What a batch run did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchSummary {
+    pub generated: usize,
+    pub already_done: usize,
+}
+
+impl StableDiffusion {
+    /// Makes every job's image in `out_dir`, `batch_size` images per forward pass at most.
+    /// All jobs are checked before any work starts. `on_image(path)` reports each saved image.
+    pub fn run_batch(
+        &self,
+        jobs: &[Job],
+        out_dir: &Path,
+        batch_size: usize,
+        on_image: &mut dyn FnMut(&Path),
+    ) -> anyhow::Result<BatchSummary> {
+        anyhow::ensure!(batch_size > 0, "the batch size must be at least 1");
+        for job in jobs {
+            self.validate_sampling(&job_sampling(job)?)
+                .with_context(|| format!("prompt file line {}", job.line))?;
+        }
+        let mut manifest = Manifest::open(out_dir)?;
+        let pending: Vec<&Job> = jobs
+            .iter()
+            .filter(|job| !manifest.is_done(&job_key(job)))
+            .collect();
+        let already_done = jobs.len() - pending.len();
+        let pending_jobs: Vec<Job> = pending.into_iter().cloned().collect();
+        for group in group_for_batching(&pending_jobs, batch_size) {
+            let group: Vec<&Job> = group.iter().map(|&i| &pending_jobs[i]).collect();
+            let sampling = job_sampling(group[0])?;
+            let image_jobs = group
+                .iter()
+                .map(|job| image_job(job, &sampling))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let generated = self.generate(&sampling, &image_jobs, &mut |_, _| {})?;
+            for ((job, image), info) in group.iter().zip(&generated.images).zip(&generated.infos) {
+                let path = out_dir.join(job.file_name());
+                let parameters = info.to_infotext();
+                // Overwrite: an image saved just before a crash was never recorded, so it is
+                // made again and must be allowed to replace the unrecorded file.
+                crate::image_io::save_png(image, &path, &parameters, true)?;
+                manifest.record(ManifestEntry::new(job, Some(parameters)))?;
+                on_image(&path);
+            }
+        }
+        Ok(BatchSummary {
+            generated: pending_jobs.len(),
+            already_done,
+        })
+    }
+}
+
+fn job_sampling(job: &Job) -> anyhow::Result<Sampling> {
+    let sampler: SamplerKind = job
+        .scheduler
+        .parse()
+        .with_context(|| format!("line {}: unknown scheduler {:?}", job.line, job.scheduler))?;
+    Ok(Sampling {
+        sampler,
+        steps: job.steps,
+        guidance_scale: job.guidance_scale,
+        eta: job.eta,
+        width: job.width,
+        height: job.height,
+        strength: job.strength.unwrap_or(1.0),
+    })
+}
+
+fn image_job(job: &Job, sampling: &Sampling) -> anyhow::Result<ImageJob> {
+    let source = match &job.image {
+        None => None,
+        Some(path) => {
+            let image = crate::image_io::load_rgb(path)?;
+            let pixels =
+                crate::image_io::source_image_tensor(&image, sampling.width, sampling.height)?;
+            let mask = match &job.mask {
+                None => None,
+                Some(path) => Some(crate::image_io::mask_tensor(
+                    &crate::image_io::load_rgb(path)?,
+                    sampling.width,
+                    sampling.height,
+                )?),
+            };
+            Some(SourceImage { pixels, mask })
+        }
+    };
+    Ok(ImageJob {
+        prompt: job.prompt.clone(),
+        negative_prompt: job.negative_prompt.clone(),
+        seed: job.seed,
+        source,
+    })
+}

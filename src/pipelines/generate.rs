@@ -1,0 +1,315 @@
+//! txt2img, img2img and inpainting: one entry point, `StableDiffusion::generate`, that prepares
+//! initial latents and conditioning for the mode at hand and runs the shared denoising loop.
+//!
+//! Noise is drawn exactly where diffusers draws it, image by image from each image's own
+//! generator: the VAE posterior sample of the source image, then the initial noise, then the
+//! masked image's posterior sample (inpainting), then whatever the sampler draws per step.
+
+use anyhow::{bail, ensure};
+use candle_core::{DType, Tensor};
+use image::RgbImage;
+
+use super::{DenoiseSpec, InpaintGuide, StableDiffusion};
+use crate::infotext::GenerationInfo;
+use crate::rng::{BatchNoise, NoiseSource};
+use crate::schedulers::{self, SamplerKind, Scheduler};
+
+/// Settings shared by every image of one batched run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    pub sampler: SamplerKind,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub eta: f64,
+    pub width: usize,
+    pub height: usize,
+    /// How much of the source image to repaint (img2img/inpaint): 1 starts from pure noise.
+    pub strength: f64,
+}
+
+/// One image to make.
+#[derive(Debug, Clone)]
+pub struct ImageJob {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub seed: u64,
+    pub source: Option<SourceImage>,
+}
+
+/// The image to start from (img2img), with the region to repaint (inpaint).
+#[derive(Debug, Clone)]
+pub struct SourceImage {
+    /// `[3, H, W]` in [-1, 1], at the run's width and height.
+    pub pixels: Tensor,
+    /// `[1, H, W]`, 1 where the image is repainted, 0 where it is kept.
+    pub mask: Option<Tensor>,
+}
+
+/// A finished run: final latents `[B, C, h, w]`, the images, and their records.
+pub struct Generated {
+    pub latents: Tensor,
+    pub images: Vec<RgbImage>,
+    pub infos: Vec<GenerationInfo>,
+}
+
+/// What the denoising starts from, per mode.
+struct Start {
+    latents: Tensor,
+    start_step: usize,
+    guide: Option<InpaintGuide>,
+}
+
+impl StableDiffusion {
+    /// Checks a run's settings against this model.
+    pub fn validate_sampling(&self, sampling: &Sampling) -> anyhow::Result<()> {
+        let factor = self.vae_scale_factor();
+        for (what, size) in [("width", sampling.width), ("height", sampling.height)] {
+            ensure!(
+                size > 0 && size % factor == 0,
+                "{what} {size} must be a positive multiple of {factor} (the VAE's downscaling factor)"
+            );
+        }
+        ensure!(sampling.steps > 0, "the number of steps must be at least 1");
+        ensure!(
+            sampling.guidance_scale.is_finite() && sampling.guidance_scale >= 0.0,
+            "the guidance scale must be a non-negative number"
+        );
+        ensure!(
+            (0.0..=1.0).contains(&sampling.strength),
+            "strength must be between 0 and 1, got {}",
+            sampling.strength
+        );
+        Ok(())
+    }
+
+    /// Checks a run against this model before any work is done.
+    pub fn validate(&self, sampling: &Sampling, jobs: &[ImageJob]) -> anyhow::Result<()> {
+        self.validate_sampling(sampling)?;
+        ensure!(!jobs.is_empty(), "at least one image must be requested");
+        let with_source = jobs.iter().filter(|j| j.source.is_some()).count();
+        let with_mask = jobs
+            .iter()
+            .filter(|j| j.source.as_ref().is_some_and(|s| s.mask.is_some()))
+            .count();
+        ensure!(
+            (with_source == 0 || with_source == jobs.len())
+                && (with_mask == 0 || with_mask == jobs.len()),
+            "a batch cannot mix txt2img, img2img and inpainting images"
+        );
+        let in_channels = self.unet_config.in_channels;
+        let latent_channels = self.vae_config.latent_channels;
+        if with_mask == 0 && in_channels != latent_channels {
+            bail!("this model's U-Net takes {in_channels} input channels: it is an inpainting model, use `ldm inpaint`");
+        }
+        if with_mask > 0 && ![latent_channels, 2 * latent_channels + 1].contains(&in_channels) {
+            bail!("a U-Net with {in_channels} input channels can neither inpaint by blending nor with mask channels");
+        }
+        for job in jobs {
+            if let Some(source) = &job.source {
+                let dims = source.pixels.dims();
+                ensure!(
+                    dims == [3, sampling.height, sampling.width],
+                    "source image is {dims:?}, expected [3, {}, {}]",
+                    sampling.height,
+                    sampling.width
+                );
+                if let Some(mask) = &source.mask {
+                    ensure!(
+                        mask.dims() == [1, sampling.height, sampling.width],
+                        "mask is {:?}, expected [1, {}, {}]",
+                        mask.dims(),
+                        sampling.height,
+                        sampling.width
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes one image per job, all in one batch.
+    pub fn generate(
+        &self,
+        sampling: &Sampling,
+        jobs: &[ImageJob],
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> anyhow::Result<Generated> {
+        self.validate(sampling, jobs)?;
+        let mut scheduler = schedulers::build(
+            sampling.sampler,
+            &self.scheduler_config,
+            sampling.steps,
+            sampling.eta,
+        )?;
+        let text_embeddings = self.conditioning(sampling, jobs)?;
+        let seeds: Vec<u64> = jobs.iter().map(|j| j.seed).collect();
+        let mut noise = BatchNoise::from_seeds(&seeds);
+        let start = self.start(sampling, jobs, scheduler.as_ref(), &mut noise)?;
+        let spec = DenoiseSpec {
+            text_embeddings: &text_embeddings,
+            guidance_scale: sampling.guidance_scale,
+            start_step: start.start_step,
+            inpaint: start.guide.as_ref(),
+        };
+        let latents = self.denoise(start.latents, scheduler.as_mut(), &spec, &mut noise, on_step)?;
+        let images = crate::image_io::decoded_to_images(&self.decode_latents(&latents)?)?;
+        let infos = jobs
+            .iter()
+            .map(|job| self.generation_info(sampling, job))
+            .collect();
+        Ok(Generated {
+            latents,
+            images,
+            infos,
+        })
+    }
+
+    /// `[negatives; positives]` when guidance applies (as diffusers: scale > 1), else positives.
+    fn conditioning(&self, sampling: &Sampling, jobs: &[ImageJob]) -> anyhow::Result<Tensor> {
+        let positives = jobs.iter().map(|j| j.prompt.as_str());
+        if sampling.guidance_scale > 1.0 {
+            let negatives = jobs.iter().map(|j| j.negative_prompt.as_str());
+            self.encode_prompts(&negatives.chain(positives).collect::<Vec<_>>())
+        } else {
+            self.encode_prompts(&positives.collect::<Vec<_>>())
+        }
+    }
+
+    /// Initial latents, first step and inpainting guide for the run's mode.
+    fn start(
+        &self,
+        sampling: &Sampling,
+        jobs: &[ImageJob],
+        scheduler: &dyn Scheduler,
+        noise: &mut BatchNoise,
+    ) -> anyhow::Result<Start> {
+        let sources: Vec<&SourceImage> = jobs.iter().filter_map(|j| j.source.as_ref()).collect();
+        let num_steps = scheduler.timesteps().len();
+        let start_step = if sources.is_empty() {
+            0
+        } else {
+            // diffusers' get_timesteps: skip the first (1 - strength) of the schedule.
+            let init_steps = ((num_steps as f64 * sampling.strength) as usize).min(num_steps);
+            num_steps - init_steps
+        };
+        let shape = self.latent_shape(sampling, jobs.len());
+        if sources.is_empty() {
+            let latents = (self.draw(noise, shape)? * scheduler.init_noise_sigma())?;
+            return Ok(Start {
+                latents,
+                start_step,
+                guide: None,
+            });
+        }
+        let pixels = Tensor::stack(&sources.iter().map(|s| &s.pixels).collect::<Vec<_>>(), 0)?;
+        let masks = sources
+            .iter()
+            .map(|s| s.mask.as_ref())
+            .collect::<Option<Vec<_>>>();
+        let full_strength = sampling.strength == 1.0;
+        let blends = masks.is_some() && self.unet_config.in_channels == self.vae_config.latent_channels;
+        // diffusers encodes the source unless it starts from pure noise with mask channels.
+        let image_latents = if !full_strength || blends || masks.is_none() {
+            Some(self.encode_image(&pixels, noise)?)
+        } else {
+            None
+        };
+        let initial_noise = self.draw(noise, shape)?;
+        let latents = match &image_latents {
+            Some(image_latents) if !(full_strength && masks.is_some()) => {
+                if start_step == num_steps {
+                    // Strength 0: nothing is repainted.
+                    image_latents.clone()
+                } else {
+                    scheduler.add_noise(image_latents, &initial_noise, start_step)?
+                }
+            }
+            _ => (&initial_noise * scheduler.init_noise_sigma())?,
+        };
+        let guide = match masks {
+            None => None,
+            Some(masks) => {
+                let mask = Tensor::stack(&masks, 0)?.to_dtype(self.dtype)?;
+                let keep = mask.lt(0.5)?.to_dtype(self.dtype)?;
+                let masked_pixels = (&pixels * keep)?;
+                let masked_image_latents = self.encode_image(&masked_pixels, noise)?;
+                let latent_mask = self.latent_mask(&mask)?;
+                Some(if blends {
+                    InpaintGuide::Blend {
+                        mask: latent_mask,
+                        image_latents: image_latents.expect("encoded above for blending"),
+                        noise: initial_noise,
+                    }
+                } else {
+                    InpaintGuide::Channels {
+                        mask: latent_mask,
+                        masked_image_latents,
+                    }
+                })
+            }
+        };
+        Ok(Start {
+            latents,
+            start_step,
+            guide,
+        })
+    }
+
+    fn latent_shape(&self, sampling: &Sampling, batch: usize) -> (usize, usize, usize, usize) {
+        let factor = self.vae_scale_factor();
+        (
+            batch,
+            self.vae_config.latent_channels,
+            sampling.height / factor,
+            sampling.width / factor,
+        )
+    }
+
+    /// Standard-normal noise drawn in f32 on the CPU, then moved and cast.
+    fn draw(
+        &self,
+        noise: &mut dyn NoiseSource,
+        shape: (usize, usize, usize, usize),
+    ) -> anyhow::Result<Tensor> {
+        Ok(noise
+            .randn(&shape.into(), DType::F32, &self.device)?
+            .to_dtype(self.dtype)?)
+    }
+
+    /// Scaled latents of `[B, 3, H, W]` pixels, sampled from the VAE posterior (diffusers'
+    /// default `sample_mode="sample"`), each image with its own generator.
+    fn encode_image(&self, pixels: &Tensor, noise: &mut dyn NoiseSource) -> anyhow::Result<Tensor> {
+        let posterior = self
+            .vae
+            .encode(&pixels.to_device(&self.device)?.to_dtype(self.dtype)?)?;
+        let eps = noise
+            .randn(posterior.mean.shape(), DType::F32, &self.device)?
+            .to_dtype(self.dtype)?;
+        Ok((posterior.sample(&eps)? * self.vae_config.scaling_factor)?)
+    }
+
+    /// The pixel mask at latent resolution, nearest-neighbour like torch's `interpolate`.
+    fn latent_mask(&self, mask: &Tensor) -> anyhow::Result<Tensor> {
+        let (_, _, height, width) = mask.dims4()?;
+        let factor = self.vae_scale_factor();
+        Ok(mask
+            .to_device(&self.device)?
+            .upsample_nearest2d(height / factor, width / factor)?)
+    }
+
+    fn generation_info(&self, sampling: &Sampling, job: &ImageJob) -> GenerationInfo {
+        GenerationInfo {
+            prompt: job.prompt.clone(),
+            negative_prompt: job.negative_prompt.clone(),
+            steps: sampling.steps,
+            sampler: sampling.sampler.display_name().to_string(),
+            cfg_scale: sampling.guidance_scale,
+            seed: job.seed,
+            width: sampling.width,
+            height: sampling.height,
+            model: self.model_name.clone(),
+            eta: (sampling.sampler == SamplerKind::Ddim).then_some(sampling.eta),
+            denoising_strength: job.source.as_ref().map(|_| sampling.strength),
+        }
+    }
+}
