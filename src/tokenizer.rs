@@ -11,7 +11,8 @@ use candle_core::{Device, Tensor};
 use serde_json::Value;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
-use tokenizers::normalizers::{Lowercase, Replace, ReplacePattern, Sequence, Strip, NFC};
+use tokenizers::normalizers::replace::ReplacePattern;
+use tokenizers::normalizers::{Lowercase, Replace, Sequence, Strip, NFC};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
@@ -19,7 +20,8 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 /// OpenAI CLIP's pre-tokenization pattern: special tokens, contractions, letter runs, single
 /// digits, punctuation runs.
-const CLIP_SPLIT_PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const CLIP_SPLIT_PATTERN: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 const END_OF_WORD_SUFFIX: &str = "</w>";
 /// CLIP's context length, used when `tokenizer_config.json` gives no usable `model_max_length`.
 const DEFAULT_MAX_LENGTH: usize = 77;
@@ -47,12 +49,12 @@ impl TokenizedPrompt {
 }
 
 /// The special tokens and length limit from `tokenizer_config.json` / `special_tokens_map.json`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 struct TokenizerSettings {
-    bos: String,
-    eos: String,
-    unk: String,
-    pad: String,
+    bos: AddedToken,
+    eos: AddedToken,
+    unk: AddedToken,
+    pad: AddedToken,
     max_length: usize,
 }
 
@@ -65,9 +67,8 @@ impl TokenizerSettings {
         let token = |key: &str, default: &str| {
             [&special_map, &config]
                 .into_iter()
-                .find_map(|file| file.get(key).and_then(token_content))
-                .unwrap_or(default)
-                .to_string()
+                .find_map(|file| file.get(key).and_then(special_token))
+                .unwrap_or_else(|| AddedToken::from(default, true))
         };
         // Configs saved without a limit carry a huge float sentinel; that is no context length.
         let max_length = config
@@ -88,19 +89,34 @@ impl TokenizerSettings {
         })
     }
 
+    /// In transformers' registration order; a later entry for the same text replaces the
+    /// earlier one's flags (SD1's plain-string pad makes `<|endoftext|>` match unnormalized).
     fn special_tokens(&self) -> Vec<AddedToken> {
-        [&self.bos, &self.eos, &self.unk, &self.pad]
-            .into_iter()
-            .map(|t| AddedToken::from(t.clone(), true))
-            .collect()
+        vec![
+            self.bos.clone(),
+            self.eos.clone(),
+            self.unk.clone(),
+            self.pad.clone(),
+        ]
     }
 }
 
-/// A special-token entry is either the token itself or an AddedToken object `{"content": ...}`.
-fn token_content(value: &Value) -> Option<&str> {
+/// A special-token entry: the token text itself, matched before normalisation, or an
+/// AddedToken object `{"content": ..., "normalized": ..., ...}` with its own flags.
+fn special_token(value: &Value) -> Option<AddedToken> {
     match value {
-        Value::String(s) => Some(s),
-        Value::Object(fields) => fields.get("content").and_then(Value::as_str),
+        Value::String(content) => Some(AddedToken::from(content.as_str(), true)),
+        Value::Object(fields) => {
+            let flag = |key: &str| fields.get(key).and_then(Value::as_bool).unwrap_or(false);
+            let content = fields.get("content")?.as_str()?;
+            Some(
+                AddedToken::from(content, true)
+                    .normalized(flag("normalized"))
+                    .lstrip(flag("lstrip"))
+                    .rstrip(flag("rstrip"))
+                    .single_word(flag("single_word")),
+            )
+        }
         _ => None,
     }
 }
@@ -174,7 +190,11 @@ impl PromptTokenizer {
     /// Loads a diffusers `tokenizer/` folder: `tokenizer.json` when present, otherwise
     /// `vocab.json` + `merges.txt`; special tokens and the length from the config files.
     pub fn from_dir(dir: &Path) -> anyhow::Result<Self> {
-        ensure!(dir.is_dir(), "tokenizer folder {} does not exist", dir.display());
+        ensure!(
+            dir.is_dir(),
+            "tokenizer folder {} does not exist",
+            dir.display()
+        );
         let settings = TokenizerSettings::from_dir(dir)?;
         let tokenizer_json = dir.join("tokenizer.json");
         let mut tokenizer = if tokenizer_json.exists() {
@@ -193,22 +213,25 @@ impl PromptTokenizer {
                     );
                 }
             }
-            clip_bpe_tokenizer(&vocab, &merges, &settings.unk)?
+            clip_bpe_tokenizer(&vocab, &merges, &settings.unk.content)?
         };
-        // transformers registers every configured special token (e.g. SD2's pad "!") as an
-        // added token, so it is matched whole in prompts; tokens already present are kept as is.
+        // transformers (re-)registers every configured special token, e.g. SD2's pad "!", as an
+        // added token, so it is matched whole in prompts, with the config's flags.
         tokenizer
             .add_special_tokens(settings.special_tokens())
             .map_err(anyhow::Error::msg)?;
         let id_of = |token: &str| {
             tokenizer.token_to_id(token).with_context(|| {
-                format!("token {token:?} is not in the vocabulary of {}", dir.display())
+                format!(
+                    "token {token:?} is not in the vocabulary of {}",
+                    dir.display()
+                )
             })
         };
         Ok(Self {
-            bos_id: id_of(&settings.bos)?,
-            eos_id: id_of(&settings.eos)?,
-            pad_id: id_of(&settings.pad)?,
+            bos_id: id_of(&settings.bos.content)?,
+            eos_id: id_of(&settings.eos.content)?,
+            pad_id: id_of(&settings.pad.content)?,
             max_length: settings.max_length,
             tokenizer,
         })

@@ -1,1 +1,249 @@
-//! (in progress)
+//! The CLIP text encoder (transformers' `CLIPTextModel`) that conditions the U-Net.
+//!
+//! A pre-LayerNorm causal transformer over token + position embeddings; SD conditions on the
+//! final-LayerNorm output of every position (`last_hidden_state`).
+
+use std::path::Path;
+
+use candle_core::{bail, DType, Device, Module, Result, Tensor};
+use candle_nn::{Embedding, Init, Linear, VarBuilder};
+use serde::Deserialize;
+
+use crate::models::nn::{self, Activation, LayerNorm};
+
+/// `text_encoder/config.json`, with transformers' `CLIPTextConfig` names and defaults.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub hidden_act: Activation,
+    pub layer_norm_eps: f64,
+}
+
+impl Default for ClipTextConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 512,
+            intermediate_size: 2048,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            max_position_embeddings: 77,
+            hidden_act: Activation::QuickGelu,
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
+impl ClipTextConfig {
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let cfg: Self = crate::config::read_json(path)?;
+        anyhow::ensure!(
+            cfg.num_attention_heads > 0 && cfg.hidden_size.is_multiple_of(cfg.num_attention_heads),
+            "{}: hidden_size {} is not a multiple of num_attention_heads {}",
+            path.display(),
+            cfg.hidden_size,
+            cfg.num_attention_heads
+        );
+        Ok(cfg)
+    }
+}
+
+/// Token embedding plus learned absolute position embedding.
+#[derive(Debug, Clone)]
+struct ClipTextEmbeddings {
+    token_embedding: Embedding,
+    position_embedding: Embedding,
+}
+
+impl ClipTextEmbeddings {
+    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        Ok(Self {
+            token_embedding: embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("token_embedding"))?,
+            position_embedding: embedding(
+                cfg.max_position_embeddings,
+                cfg.hidden_size,
+                vb.pp("position_embedding"),
+            )?,
+        })
+    }
+
+    fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let seq_len = input_ids.dim(1)?;
+        let max_positions = self.position_embedding.embeddings().dim(0)?;
+        if seq_len > max_positions {
+            bail!("sequence of {seq_len} tokens exceeds max_position_embeddings {max_positions}");
+        }
+        let positions = Tensor::arange(0u32, seq_len as u32, input_ids.device())?;
+        self.token_embedding
+            .forward(input_ids)?
+            .broadcast_add(&self.position_embedding.forward(&positions)?)
+    }
+}
+
+/// An embedding table initialised like transformers' (N(0, 0.02)) when created fresh.
+fn embedding(entries: usize, dim: usize, vb: VarBuilder) -> Result<Embedding> {
+    let init = Init::Randn {
+        mean: 0.,
+        stdev: 0.02,
+    };
+    Ok(Embedding::new(
+        vb.get_with_hints((entries, dim), "weight", init)?,
+        dim,
+    ))
+}
+
+#[derive(Debug, Clone)]
+struct ClipAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    heads: usize,
+}
+
+impl ClipAttention {
+    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        let dim = cfg.hidden_size;
+        Ok(Self {
+            q_proj: nn::linear(dim, dim, true, vb.pp("q_proj"))?,
+            k_proj: nn::linear(dim, dim, true, vb.pp("k_proj"))?,
+            v_proj: nn::linear(dim, dim, true, vb.pp("v_proj"))?,
+            out_proj: nn::linear(dim, dim, true, vb.pp("out_proj"))?,
+            heads: cfg.num_attention_heads,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
+        let heads = |proj: &Linear| nn::split_heads(&proj.forward(xs)?, self.heads);
+        let attended = nn::scaled_dot_product_attention(
+            &heads(&self.q_proj)?,
+            &heads(&self.k_proj)?,
+            &heads(&self.v_proj)?,
+            Some(causal_mask),
+        )?;
+        self.out_proj.forward(&nn::merge_heads(&attended)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ClipMlp {
+    fc1: Linear,
+    fc2: Linear,
+    activation: Activation,
+}
+
+impl ClipMlp {
+    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        Ok(Self {
+            fc1: nn::linear(cfg.hidden_size, cfg.intermediate_size, true, vb.pp("fc1"))?,
+            fc2: nn::linear(cfg.intermediate_size, cfg.hidden_size, true, vb.pp("fc2"))?,
+            activation: cfg.hidden_act,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let hidden = self.activation.apply(&self.fc1.forward(xs)?)?;
+        self.fc2.forward(&hidden)
+    }
+}
+
+/// Pre-LN residual block: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
+#[derive(Debug, Clone)]
+struct ClipEncoderLayer {
+    layer_norm1: LayerNorm,
+    self_attn: ClipAttention,
+    layer_norm2: LayerNorm,
+    mlp: ClipMlp,
+}
+
+impl ClipEncoderLayer {
+    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        let norm = |name: &str| LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp(name));
+        Ok(Self {
+            layer_norm1: norm("layer_norm1")?,
+            self_attn: ClipAttention::new(vb.pp("self_attn"), cfg)?,
+            layer_norm2: norm("layer_norm2")?,
+            mlp: ClipMlp::new(vb.pp("mlp"), cfg)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
+        let xs = (xs
+            + self
+                .self_attn
+                .forward(&self.layer_norm1.forward(xs)?, causal_mask)?)?;
+        &xs + self.mlp.forward(&self.layer_norm2.forward(&xs)?)?
+    }
+}
+
+/// `[len, len]` additive mask: 0 on and below the diagonal, -inf above (no look-ahead).
+fn causal_mask(len: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..len)
+        .flat_map(|query| (0..len).map(move |key| if key > query { f32::NEG_INFINITY } else { 0. }))
+        .collect();
+    Tensor::from_vec(mask, (len, len), device)?.to_dtype(dtype)
+}
+
+/// transformers' `CLIPTextModel`.
+#[derive(Debug, Clone)]
+pub struct ClipTextModel {
+    embeddings: ClipTextEmbeddings,
+    layers: Vec<ClipEncoderLayer>,
+    final_layer_norm: LayerNorm,
+}
+
+impl ClipTextModel {
+    /// Builds the model from `vb`, whose tensors are named either `text_model.*` (SD repos,
+    /// transformers < 5) or without that prefix (transformers ≥ 5). A fresh `VarMap` gets the
+    /// `text_model.*` names, so trained weights save in the layout every loader accepts.
+    pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        let vb = if vb.contains_tensor("embeddings.token_embedding.weight") {
+            vb
+        } else {
+            vb.pp("text_model")
+        };
+        let encoder = vb.pp("encoder").pp("layers");
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| ClipEncoderLayer::new(encoder.pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embeddings: ClipTextEmbeddings::new(vb.pp("embeddings"), cfg)?,
+            layers,
+            final_layer_norm: LayerNorm::new(
+                cfg.hidden_size,
+                cfg.layer_norm_eps,
+                vb.pp("final_layer_norm"),
+            )?,
+        })
+    }
+
+    /// `last_hidden_state` `[batch, len, hidden]` for `[batch, len]` integer token ids: the
+    /// conditioning SD uses.
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.forward_with_skip(input_ids, 0)
+    }
+
+    /// CLIP skip as diffusers counts it (`clip_skip`): the final LayerNorm applied to the output
+    /// of the layer `skip` places before the last, so `skip = 0` is [`Self::forward`] and
+    /// A1111's "Clip skip: N" is `skip = N - 1`.
+    pub fn forward_with_skip(&self, input_ids: &Tensor, skip: usize) -> Result<Tensor> {
+        if skip >= self.layers.len() {
+            bail!(
+                "clip skip {skip} needs more than {} layers",
+                self.layers.len()
+            );
+        }
+        let mut xs = self.embeddings.forward(input_ids)?;
+        let mask = causal_mask(input_ids.dim(1)?, xs.dtype(), xs.device())?;
+        for layer in &self.layers[..self.layers.len() - skip] {
+            xs = layer.forward(&xs, &mask)?;
+        }
+        self.final_layer_norm.forward(&xs)
+    }
+}
