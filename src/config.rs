@@ -9,6 +9,5 @@ use serde::de::DeserializeOwned;
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("malformed config file {}", path.display()))
+    serde_json::from_str(&text).with_context(|| format!("malformed config file {}", path.display()))
 }

@@ -52,7 +52,9 @@ impl DeviceSpec {
         let device = match self {
             Self::Cpu => Device::Cpu,
             Self::Cuda(i) => Device::new_cuda(i).with_context(|| {
-                format!("cannot open cuda:{i} (build with `--features cuda` on a machine with CUDA)")
+                format!(
+                    "cannot open cuda:{i} (build with `--features cuda` on a machine with CUDA)"
+                )
             })?,
             Self::Metal(i) => Device::new_metal(i).with_context(|| {
                 format!("cannot open metal:{i} (build with `--features metal` on macOS)")

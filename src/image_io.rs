@@ -77,7 +77,8 @@ pub fn encode_png(image: &RgbImage, parameters: &str) -> anyhow::Result<Vec<u8>>
 
 /// Reads the `parameters` text of a PNG (tEXt, zTXt or iTXt), if any.
 pub fn read_png_parameters(path: &Path) -> anyhow::Result<Option<String>> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let reader = png::Decoder::new(std::io::BufReader::new(file))
         .read_info()
         .with_context(|| format!("{} is not a readable PNG", path.display()))?;
@@ -128,10 +129,20 @@ pub fn load_rgb(path: &Path) -> anyhow::Result<RgbImage> {
 
 /// A source image as diffusers' `VaeImageProcessor` prepares it: resized (Lanczos) to
 /// `width`x`height` when its size differs, then `[3, H, W]` in [-1, 1] (f32, CPU).
-pub fn source_image_tensor(image: &RgbImage, width: usize, height: usize) -> anyhow::Result<Tensor> {
+pub fn source_image_tensor(
+    image: &RgbImage,
+    width: usize,
+    height: usize,
+) -> anyhow::Result<Tensor> {
     let image = resize_rgb(image, width, height);
-    let data: Vec<f32> = image.as_raw().iter().map(|&v| v as f32 / 255.0 * 2.0 - 1.0).collect();
-    Ok(Tensor::from_vec(data, (height, width, 3), &Device::Cpu)?.permute((2, 0, 1))?.contiguous()?)
+    let data: Vec<f32> = image
+        .as_raw()
+        .iter()
+        .map(|&v| v as f32 / 255.0 * 2.0 - 1.0)
+        .collect();
+    Ok(Tensor::from_vec(data, (height, width, 3), &Device::Cpu)?
+        .permute((2, 0, 1))?
+        .contiguous()?)
 }
 
 /// An inpainting mask as diffusers' mask processor prepares it: grayscale with PIL's `L`
@@ -145,7 +156,12 @@ pub fn mask_tensor(mask: &RgbImage, width: usize, height: usize) -> anyhow::Resu
     let gray = if (gray.width() as usize, gray.height() as usize) == (width, height) {
         gray
     } else {
-        image::imageops::resize(&gray, width as u32, height as u32, image::imageops::FilterType::Lanczos3)
+        image::imageops::resize(
+            &gray,
+            width as u32,
+            height as u32,
+            image::imageops::FilterType::Lanczos3,
+        )
     };
     let data: Vec<f32> = gray
         .as_raw()
@@ -159,7 +175,12 @@ fn resize_rgb(image: &RgbImage, width: usize, height: usize) -> RgbImage {
     if (image.width() as usize, image.height() as usize) == (width, height) {
         image.clone()
     } else {
-        image::imageops::resize(image, width as u32, height as u32, image::imageops::FilterType::Lanczos3)
+        image::imageops::resize(
+            image,
+            width as u32,
+            height as u32,
+            image::imageops::FilterType::Lanczos3,
+        )
     }
 }
 
@@ -177,7 +198,10 @@ mod tests {
     fn parameters_survive_a_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let image = RgbImage::from_fn(8, 4, |x, y| image::Rgb([x as u8 * 30, y as u8 * 60, 7]));
-        for (name, text) in [("latin.png", "a cat\nSteps: 5"), ("utf8.png", "一只猫 🐱\nSteps: 5")] {
+        for (name, text) in [
+            ("latin.png", "a cat\nSteps: 5"),
+            ("utf8.png", "一只猫 🐱\nSteps: 5"),
+        ] {
             let path = dir.path().join(name);
             save_png(&image, &path, text, false).unwrap();
             assert_eq!(read_png_parameters(&path).unwrap().as_deref(), Some(text));
@@ -193,18 +217,31 @@ mod tests {
         save_png(&image, &path, "first", false).unwrap();
         let err = save_png(&image, &path, "second", false).unwrap_err();
         assert!(err.to_string().contains("--overwrite"), "{err}");
-        assert_eq!(read_png_parameters(&path).unwrap().as_deref(), Some("first"));
+        assert_eq!(
+            read_png_parameters(&path).unwrap().as_deref(),
+            Some("first")
+        );
         save_png(&image, &path, "second", true).unwrap();
-        assert_eq!(read_png_parameters(&path).unwrap().as_deref(), Some("second"));
+        assert_eq!(
+            read_png_parameters(&path).unwrap().as_deref(),
+            Some("second")
+        );
     }
 
     #[test]
     fn masks_are_binarised_and_sources_normalised() {
         let mask = RgbImage::from_fn(4, 2, |x, _| {
-            if x < 2 { image::Rgb([255, 255, 255]) } else { image::Rgb([100, 120, 130]) }
+            if x < 2 {
+                image::Rgb([255, 255, 255])
+            } else {
+                image::Rgb([100, 120, 130])
+            }
         });
         let mask = mask_tensor(&mask, 4, 2).unwrap();
-        assert_eq!(mask.flatten_all().unwrap().to_vec1::<f32>().unwrap(), [1., 1., 0., 0., 1., 1., 0., 0.]);
+        assert_eq!(
+            mask.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [1., 1., 0., 0., 1., 1., 0., 0.]
+        );
         let source = RgbImage::from_fn(2, 1, |x, _| image::Rgb([0, 255 * x as u8, 51]));
         let source = source_image_tensor(&source, 2, 1).unwrap();
         assert_eq!(source.dims(), [3, 1, 2]);

@@ -124,6 +124,9 @@ mod tests {
         assert_eq!(lines[1], "Negative prompt: blurry, low quality");
         assert!(lines[2].contains("CFG scale: 7.5, "), "{text}");
         assert!(lines[2].contains("Model: \"org/model:v1\""), "{text}");
-        assert!(lines[2].contains("Denoising strength: 0.75, Eta DDIM: 0.5"), "{text}");
+        assert!(
+            lines[2].contains("Denoising strength: 0.75, Eta DDIM: 0.5"),
+            "{text}"
+        );
     }
 }

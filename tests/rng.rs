@@ -15,7 +15,10 @@ const TOL: f32 = 5e-6;
 fn parse_name(name: &str) -> Option<(u64, Vec<usize>)> {
     let rest = name.strip_prefix("seed")?;
     let (seed, shape) = rest.split_once("_shape")?;
-    let dims = shape.split('x').map(|d| d.parse().ok()).collect::<Option<Vec<usize>>>()?;
+    let dims = shape
+        .split('x')
+        .map(|d| d.parse().ok())
+        .collect::<Option<Vec<usize>>>()?;
     Some((seed.parse().ok()?, dims))
 }
 
@@ -24,20 +27,27 @@ fn randn_matches_torch_for_every_recorded_seed_and_shape() {
     let case = common::load_case("rng");
     let mut checked = 0;
     for (name, expected) in &case {
-        let Some((seed, dims)) = parse_name(name) else { continue };
+        let Some((seed, dims)) = parse_name(name) else {
+            continue;
+        };
         let values = TorchGenerator::new(seed).randn(dims.iter().product());
         let actual = Tensor::from_vec(values, dims.as_slice(), &Device::Cpu).unwrap();
         common::assert_close(name, &actual, expected, TOL);
         checked += 1;
     }
-    assert!(checked >= 20, "only {checked} recorded seed/shape pairs found");
+    assert!(
+        checked >= 20,
+        "only {checked} recorded seed/shape pairs found"
+    );
 }
 
 #[test]
 fn generator_state_carries_across_draws_like_torch() {
     let case = common::load_case("rng");
     let json = common::load_case_json("rng");
-    let draws = json["sequence"]["draws"].as_array().expect("sequence draws in rng.json");
+    let draws = json["sequence"]["draws"]
+        .as_array()
+        .expect("sequence draws in rng.json");
     let seed = json["sequence"]["seed"].as_u64().unwrap();
     let mut generator = TorchGenerator::new(seed);
     for (i, draw) in draws.iter().enumerate() {
@@ -45,7 +55,12 @@ fn generator_state_carries_across_draws_like_torch() {
         let name = draw["name"].as_str().unwrap();
         let values = generator.randn(dims.iter().product());
         let actual = Tensor::from_vec(values, dims.as_slice(), &Device::Cpu).unwrap();
-        common::assert_close(&format!("sequence draw {i} ({name})"), &actual, &case[name], TOL);
+        common::assert_close(
+            &format!("sequence draw {i} ({name})"),
+            &actual,
+            &case[name],
+            TOL,
+        );
     }
 }
 
@@ -59,7 +74,10 @@ fn batch_noise_gives_each_image_its_own_seed() {
         let alone = BatchNoise::from_seeds(&[seed])
             .randn(&Shape::from((1, 4, 8, 8)), DType::F32, &Device::Cpu)
             .unwrap();
-        assert_eq!(common::max_abs_diff(&batch.narrow(0, i, 1).unwrap(), &alone), 0.0);
+        assert_eq!(
+            common::max_abs_diff(&batch.narrow(0, i, 1).unwrap(), &alone),
+            0.0
+        );
     }
     let err = BatchNoise::from_seeds(&[1, 2]).randn(&shape, DType::F32, &Device::Cpu);
     assert!(err.is_err(), "3 rows from 2 generators must fail");

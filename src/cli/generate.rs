@@ -8,9 +8,9 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::device::{DeviceSpec, Precision};
-use crate::prompt_file::{self, JobDefaults};
 use crate::model_source::PipelineFolder;
 use crate::pipelines::{Generated, ImageJob, Sampling, SourceImage, StableDiffusion};
+use crate::prompt_file::{self, JobDefaults};
 use crate::schedulers::SamplerKind;
 
 /// Model, device and precision: how a pipeline is loaded.
@@ -66,7 +66,12 @@ pub struct SamplingArgs {
     pub scheduler: SamplerKind,
 
     /// Number of denoising steps.
-    #[arg(long, visible_alias = "sample-steps", default_value_t = 50, value_name = "N")]
+    #[arg(
+        long,
+        visible_alias = "sample-steps",
+        default_value_t = 50,
+        value_name = "N"
+    )]
     pub steps: usize,
 
     /// Classifier-free guidance scale; 1 or less runs without the unconditional pass.
@@ -161,11 +166,21 @@ impl OutputArgs {
     fn check_writable(&self, paths: &[PathBuf]) -> anyhow::Result<()> {
         for path in paths.iter().chain(&self.save_latents) {
             if !self.overwrite && path.exists() {
-                bail!("{} already exists (pass --overwrite to replace it)", path.display());
+                bail!(
+                    "{} already exists (pass --overwrite to replace it)",
+                    path.display()
+                );
             }
-            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
             if !dir.is_dir() {
-                bail!("cannot write {}: folder {} does not exist", path.display(), dir.display());
+                bail!(
+                    "cannot write {}: folder {} does not exist",
+                    path.display(),
+                    dir.display()
+                );
             }
         }
         Ok(())
@@ -190,8 +205,10 @@ impl OutputArgs {
         }
         let bar = ProgressBar::new(0);
         bar.set_style(
-            ProgressStyle::with_template("{bar:40} {pos}/{len} steps [{elapsed_precise}<{eta_precise}, {per_sec}]")
-                .expect("valid template"),
+            ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} steps [{elapsed_precise}<{eta_precise}, {per_sec}]",
+            )
+            .expect("valid template"),
         );
         bar
     }
@@ -199,7 +216,10 @@ impl OutputArgs {
 
 /// `out.png`, 2 -> `out-2.png`.
 fn numbered(path: &Path, index: usize) -> PathBuf {
-    let stem = path.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default();
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy())
+        .unwrap_or_default();
     let name = match path.extension() {
         Some(ext) => format!("{stem}-{index}.{}", ext.to_string_lossy()),
         None => format!("{stem}-{index}"),
@@ -215,13 +235,21 @@ pub struct PromptArgs {
     pub prompt: Option<String>,
 
     /// The prompt.
-    #[arg(short = 'p', long = "prompt", value_name = "TEXT", conflicts_with = "prompt")]
+    #[arg(
+        short = 'p',
+        long = "prompt",
+        value_name = "TEXT",
+        conflicts_with = "prompt"
+    )]
     pub prompt_flag: Option<String>,
 }
 
 impl PromptArgs {
     fn text(&self) -> String {
-        self.prompt.clone().or(self.prompt_flag.clone()).unwrap_or_default()
+        self.prompt
+            .clone()
+            .or(self.prompt_flag.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -275,11 +303,22 @@ pub struct Img2ImgArgs {
     pub batch: BatchArgs,
 
     /// The image to start from (any format the image crate reads).
-    #[arg(short = 'i', long, visible_alias = "init-img", value_name = "FILE", required_unless_present = "from_file")]
+    #[arg(
+        short = 'i',
+        long,
+        visible_alias = "init-img",
+        value_name = "FILE",
+        required_unless_present = "from_file"
+    )]
     pub image: Option<PathBuf>,
 
     /// How much to change the image: 0 keeps it, 1 repaints it completely.
-    #[arg(long, visible_alias = "denoising-strength", default_value_t = 0.8, value_name = "S")]
+    #[arg(
+        long,
+        visible_alias = "denoising-strength",
+        default_value_t = 0.8,
+        value_name = "S"
+    )]
     pub strength: f64,
 
     #[command(flatten)]
@@ -298,7 +337,13 @@ pub struct InpaintArgs {
     pub batch: BatchArgs,
 
     /// The image to repaint.
-    #[arg(short = 'i', long, visible_alias = "init-img", value_name = "FILE", required_unless_present = "from_file")]
+    #[arg(
+        short = 'i',
+        long,
+        visible_alias = "init-img",
+        value_name = "FILE",
+        required_unless_present = "from_file"
+    )]
     pub image: Option<PathBuf>,
 
     /// The mask: white is repainted, black is kept (any size; resized to the image).
@@ -306,7 +351,12 @@ pub struct InpaintArgs {
     pub mask: Option<PathBuf>,
 
     /// How much to change the masked region: 1 repaints it from pure noise.
-    #[arg(long, visible_alias = "denoising-strength", default_value_t = 1.0, value_name = "S")]
+    #[arg(
+        long,
+        visible_alias = "denoising-strength",
+        default_value_t = 1.0,
+        value_name = "S"
+    )]
     pub strength: f64,
 
     #[command(flatten)]
@@ -322,9 +372,24 @@ pub fn txt2img(args: Txt2ImgArgs) -> anyhow::Result<()> {
     let size = pipeline.default_size();
     let sampling = args.sampling.sampling(size, size, 1.0);
     if let Some(file) = &args.batch.from_file {
-        return batch(&pipeline, file, &args.batch.run, &args.sampling, &sampling, None, None);
+        return batch(
+            &pipeline,
+            file,
+            &args.batch.run,
+            &args.sampling,
+            &sampling,
+            None,
+            None,
+        );
     }
-    run(&pipeline, &sampling, &args.prompt, &args.sampling, None, &args.output)
+    run(
+        &pipeline,
+        &sampling,
+        &args.prompt,
+        &args.sampling,
+        None,
+        &args.output,
+    )
 }
 
 pub fn img2img(args: Img2ImgArgs) -> anyhow::Result<()> {
@@ -333,7 +398,15 @@ pub fn img2img(args: Img2ImgArgs) -> anyhow::Result<()> {
         let size = pipeline.default_size();
         let sampling = args.sampling.sampling(size, size, args.strength);
         let image = args.image.as_deref();
-        return batch(&pipeline, file, &args.batch.run, &args.sampling, &sampling, image, None);
+        return batch(
+            &pipeline,
+            file,
+            &args.batch.run,
+            &args.sampling,
+            &sampling,
+            image,
+            None,
+        );
     }
     let path = args.image.as_deref().context("--image is required")?;
     let image = crate::image_io::load_rgb(path)?;
@@ -343,7 +416,14 @@ pub fn img2img(args: Img2ImgArgs) -> anyhow::Result<()> {
         pixels: crate::image_io::source_image_tensor(&image, width, height)?,
         mask: None,
     };
-    run(&pipeline, &sampling, &args.prompt, &args.sampling, Some(source), &args.output)
+    run(
+        &pipeline,
+        &sampling,
+        &args.prompt,
+        &args.sampling,
+        Some(source),
+        &args.output,
+    )
 }
 
 pub fn inpaint(args: InpaintArgs) -> anyhow::Result<()> {
@@ -352,7 +432,15 @@ pub fn inpaint(args: InpaintArgs) -> anyhow::Result<()> {
         let size = pipeline.default_size();
         let sampling = args.sampling.sampling(size, size, args.strength);
         let (image, mask) = (args.image.as_deref(), args.mask.as_deref());
-        return batch(&pipeline, file, &args.batch.run, &args.sampling, &sampling, image, mask);
+        return batch(
+            &pipeline,
+            file,
+            &args.batch.run,
+            &args.sampling,
+            &sampling,
+            image,
+            mask,
+        );
     }
     let image_path = args.image.as_deref().context("--image is required")?;
     let mask_path = args.mask.as_deref().context("--mask is required")?;
@@ -373,7 +461,14 @@ pub fn inpaint(args: InpaintArgs) -> anyhow::Result<()> {
         pixels: crate::image_io::source_image_tensor(&image, width, height)?,
         mask: Some(crate::image_io::mask_tensor(&mask, width, height)?),
     };
-    run(&pipeline, &sampling, &args.prompt, &args.sampling, Some(source), &args.output)
+    run(
+        &pipeline,
+        &sampling,
+        &args.prompt,
+        &args.sampling,
+        Some(source),
+        &args.output,
+    )
 }
 
 #[derive(Debug, Args)]
@@ -410,7 +505,15 @@ pub fn batch_command(args: BatchCommandArgs) -> anyhow::Result<()> {
     let size = pipeline.default_size();
     let sampling = args.sampling.sampling(size, size, args.strength);
     let (image, mask) = (args.image.as_deref(), args.mask.as_deref());
-    batch(&pipeline, &args.file, &args.run, &args.sampling, &sampling, image, mask)
+    batch(
+        &pipeline,
+        &args.file,
+        &args.run,
+        &args.sampling,
+        &sampling,
+        image,
+        mask,
+    )
 }
 
 /// Runs a prompt file with the command line's settings as defaults.

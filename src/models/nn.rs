@@ -100,7 +100,8 @@ pub fn scaled_dot_product_attention(
 /// `[batch, len, heads * head_dim]` -> `[batch, heads, len, head_dim]`.
 pub fn split_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
     let (batch, len, dim) = xs.dims3()?;
-    xs.reshape((batch, len, heads, dim / heads))?.transpose(1, 2)
+    xs.reshape((batch, len, heads, dim / heads))?
+        .transpose(1, 2)
 }
 
 /// `[batch, heads, len, head_dim]` -> `[batch, len, heads * head_dim]`.

@@ -56,7 +56,10 @@ impl StableDiffusion {
             Some(InpaintGuide::Channels {
                 mask,
                 masked_image_latents,
-            }) => Some(Tensor::cat(&[duplicate(mask)?, duplicate(masked_image_latents)?], 1)?),
+            }) => Some(Tensor::cat(
+                &[duplicate(mask)?, duplicate(masked_image_latents)?],
+                1,
+            )?),
             _ => None,
         };
         let num_steps = scheduler.timesteps().len();

@@ -151,7 +151,13 @@ impl StableDiffusion {
             start_step: start.start_step,
             inpaint: start.guide.as_ref(),
         };
-        let latents = self.denoise(start.latents, scheduler.as_mut(), &spec, &mut noise, on_step)?;
+        let latents = self.denoise(
+            start.latents,
+            scheduler.as_mut(),
+            &spec,
+            &mut noise,
+            on_step,
+        )?;
         let images = crate::image_io::decoded_to_images(&self.decode_latents(&latents)?)?;
         let infos = jobs
             .iter()
@@ -207,7 +213,8 @@ impl StableDiffusion {
             .map(|s| s.mask.as_ref())
             .collect::<Option<Vec<_>>>();
         let full_strength = sampling.strength == 1.0;
-        let blends = masks.is_some() && self.unet_config.in_channels == self.vae_config.latent_channels;
+        let blends =
+            masks.is_some() && self.unet_config.in_channels == self.vae_config.latent_channels;
         // diffusers encodes the source unless it starts from pure noise with mask channels.
         let image_latents = if !full_strength || blends || masks.is_none() {
             Some(self.encode_image(&pixels, noise)?)

@@ -58,8 +58,8 @@ impl StableDiffusion {
 
         let vae_config = AutoencoderKLConfig::from_file(&folder.config("vae"))?;
         let vb = weights(&folder.weights("vae", half)?, dtype, device)?;
-        let vae = AutoencoderKL::new(vb, &vae_config)
-            .with_context(|| component_error(folder, "vae"))?;
+        let vae =
+            AutoencoderKL::new(vb, &vae_config).with_context(|| component_error(folder, "vae"))?;
 
         Ok(Self {
             tokenizer,
