@@ -1,0 +1,322 @@
+//! `scheduler/scheduler_config.json`, read with diffusers' field names and defaults.
+//!
+//! One struct serves every sampler: diffusers lets any scheduler be built `from_config` of
+//! another, ignoring fields it does not know and taking its own defaults for missing ones. The
+//! DDIM and DDPM defaults agree on every shared field, so one set of defaults fits both.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// How betas are laid out over the training timesteps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BetaSchedule {
+    /// `linspace(beta_start, beta_end)`.
+    Linear,
+    /// `linspace(sqrt(beta_start), sqrt(beta_end))²`, the latent-diffusion schedule.
+    ScaledLinear,
+    /// The Glide cosine schedule (`betas_for_alpha_bar`, max beta 0.999).
+    SquaredcosCapV2,
+}
+
+/// What the denoising model predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PredictionType {
+    /// The added noise ε.
+    Epsilon,
+    /// The velocity v = sqrt(ᾱ)·ε − sqrt(1−ᾱ)·x₀.
+    VPrediction,
+    /// The clean sample x₀.
+    Sample,
+}
+
+/// How inference timesteps are picked from the training ones (Table 2 of arXiv 2305.08891).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimestepSpacing {
+    Leading,
+    Trailing,
+    Linspace,
+}
+
+/// DDPM's posterior variance (ignored by DDIM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VarianceType {
+    FixedSmall,
+    FixedSmallLog,
+    FixedLarge,
+    FixedLargeLog,
+    /// The model predicts the variance in a second half of its output channels.
+    Learned,
+    /// The model predicts an interpolation between the small and large log-variances.
+    LearnedRange,
+}
+
+/// The parsed scheduler config. `Default` is diffusers' `DDIMScheduler()` / `DDPMScheduler()`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(try_from = "RawSchedulerConfig")]
+pub struct SchedulerConfig {
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: BetaSchedule,
+    /// Explicit betas; when present they replace `beta_start`/`beta_end`/`beta_schedule`.
+    pub trained_betas: Option<Vec<f64>>,
+    pub clip_sample: bool,
+    pub clip_sample_range: f64,
+    /// DDIM: ᾱ before the first training step is 1 (else ᾱ₀).
+    pub set_alpha_to_one: bool,
+    pub steps_offset: usize,
+    pub prediction_type: PredictionType,
+    pub timestep_spacing: TimestepSpacing,
+    pub variance_type: VarianceType,
+    /// Dynamic thresholding of x̂₀ (Imagen); takes precedence over `clip_sample`.
+    pub thresholding: bool,
+    pub dynamic_thresholding_ratio: f64,
+    pub sample_max_value: f64,
+    pub rescale_betas_zero_snr: bool,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            num_train_timesteps: 1000,
+            beta_start: 0.0001,
+            beta_end: 0.02,
+            beta_schedule: BetaSchedule::Linear,
+            trained_betas: None,
+            clip_sample: true,
+            clip_sample_range: 1.0,
+            set_alpha_to_one: true,
+            steps_offset: 0,
+            prediction_type: PredictionType::Epsilon,
+            timestep_spacing: TimestepSpacing::Leading,
+            variance_type: VarianceType::FixedSmall,
+            thresholding: false,
+            dynamic_thresholding_ratio: 0.995,
+            sample_max_value: 1.0,
+            rescale_betas_zero_snr: false,
+        }
+    }
+}
+
+impl SchedulerConfig {
+    /// Reads a `scheduler_config.json`, naming the file and the offending field in errors.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        crate::config::read_json(path)
+    }
+}
+
+/// The file as written: enumerated fields as strings, so that a bad value can be reported
+/// together with its field name. Every field takes diffusers' default when missing.
+#[derive(Deserialize)]
+#[serde(default)]
+struct RawSchedulerConfig {
+    num_train_timesteps: usize,
+    beta_start: f64,
+    beta_end: f64,
+    beta_schedule: String,
+    trained_betas: Option<Vec<f64>>,
+    clip_sample: bool,
+    clip_sample_range: f64,
+    set_alpha_to_one: bool,
+    steps_offset: usize,
+    prediction_type: String,
+    timestep_spacing: String,
+    variance_type: String,
+    thresholding: bool,
+    dynamic_thresholding_ratio: f64,
+    sample_max_value: f64,
+    rescale_betas_zero_snr: bool,
+}
+
+impl Default for RawSchedulerConfig {
+    fn default() -> Self {
+        let d = SchedulerConfig::default();
+        Self {
+            num_train_timesteps: d.num_train_timesteps,
+            beta_start: d.beta_start,
+            beta_end: d.beta_end,
+            beta_schedule: BetaSchedule::CHOICES.name_of(d.beta_schedule).into(),
+            trained_betas: d.trained_betas,
+            clip_sample: d.clip_sample,
+            clip_sample_range: d.clip_sample_range,
+            set_alpha_to_one: d.set_alpha_to_one,
+            steps_offset: d.steps_offset,
+            prediction_type: PredictionType::CHOICES.name_of(d.prediction_type).into(),
+            timestep_spacing: TimestepSpacing::CHOICES.name_of(d.timestep_spacing).into(),
+            variance_type: VarianceType::CHOICES.name_of(d.variance_type).into(),
+            thresholding: d.thresholding,
+            dynamic_thresholding_ratio: d.dynamic_thresholding_ratio,
+            sample_max_value: d.sample_max_value,
+            rescale_betas_zero_snr: d.rescale_betas_zero_snr,
+        }
+    }
+}
+
+impl TryFrom<RawSchedulerConfig> for SchedulerConfig {
+    type Error = String;
+
+    fn try_from(raw: RawSchedulerConfig) -> Result<Self, String> {
+        if raw.num_train_timesteps == 0 {
+            return Err(field_error("num_train_timesteps", "must be at least 1"));
+        }
+        if let Some(betas) = &raw.trained_betas {
+            if betas.len() != raw.num_train_timesteps {
+                return Err(field_error(
+                    "trained_betas",
+                    &format!(
+                        "has {} values but num_train_timesteps is {}",
+                        betas.len(),
+                        raw.num_train_timesteps
+                    ),
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&raw.dynamic_thresholding_ratio) {
+            return Err(field_error(
+                "dynamic_thresholding_ratio",
+                &format!("{} is not in [0, 1]", raw.dynamic_thresholding_ratio),
+            ));
+        }
+        Ok(Self {
+            num_train_timesteps: raw.num_train_timesteps,
+            beta_start: raw.beta_start,
+            beta_end: raw.beta_end,
+            beta_schedule: BetaSchedule::CHOICES.parse("beta_schedule", &raw.beta_schedule)?,
+            trained_betas: raw.trained_betas,
+            clip_sample: raw.clip_sample,
+            clip_sample_range: raw.clip_sample_range,
+            set_alpha_to_one: raw.set_alpha_to_one,
+            steps_offset: raw.steps_offset,
+            prediction_type: PredictionType::CHOICES
+                .parse("prediction_type", &raw.prediction_type)?,
+            timestep_spacing: TimestepSpacing::CHOICES
+                .parse("timestep_spacing", &raw.timestep_spacing)?,
+            variance_type: VarianceType::CHOICES.parse("variance_type", &raw.variance_type)?,
+            thresholding: raw.thresholding,
+            dynamic_thresholding_ratio: raw.dynamic_thresholding_ratio,
+            sample_max_value: raw.sample_max_value,
+            rescale_betas_zero_snr: raw.rescale_betas_zero_snr,
+        })
+    }
+}
+
+fn field_error(field: &str, problem: &str) -> String {
+    format!("scheduler config field \"{field}\" {problem}")
+}
+
+/// The spellings diffusers accepts for an enumerated field.
+struct Choices<T: 'static>(&'static [(&'static str, T)]);
+
+impl<T: Copy + PartialEq> Choices<T> {
+    fn parse(&self, field: &str, value: &str) -> Result<T, String> {
+        self.0
+            .iter()
+            .find(|(name, _)| *name == value)
+            .map(|&(_, choice)| choice)
+            .ok_or_else(|| {
+                let names: Vec<&str> = self.0.iter().map(|(name, _)| *name).collect();
+                field_error(
+                    field,
+                    &format!(
+                        "has unsupported value \"{value}\" (supported: {})",
+                        names.join(", ")
+                    ),
+                )
+            })
+    }
+
+    fn name_of(&self, choice: T) -> &'static str {
+        self.0
+            .iter()
+            .find(|(_, c)| *c == choice)
+            .map(|(name, _)| *name)
+            .expect("every variant has a name")
+    }
+}
+
+impl BetaSchedule {
+    const CHOICES: Choices<Self> = Choices(&[
+        ("linear", Self::Linear),
+        ("scaled_linear", Self::ScaledLinear),
+        ("squaredcos_cap_v2", Self::SquaredcosCapV2),
+    ]);
+}
+
+impl PredictionType {
+    const CHOICES: Choices<Self> = Choices(&[
+        ("epsilon", Self::Epsilon),
+        ("v_prediction", Self::VPrediction),
+        ("sample", Self::Sample),
+    ]);
+}
+
+impl TimestepSpacing {
+    const CHOICES: Choices<Self> = Choices(&[
+        ("leading", Self::Leading),
+        ("trailing", Self::Trailing),
+        ("linspace", Self::Linspace),
+    ]);
+}
+
+impl VarianceType {
+    const CHOICES: Choices<Self> = Choices(&[
+        ("fixed_small", Self::FixedSmall),
+        ("fixed_small_log", Self::FixedSmallLog),
+        ("fixed_large", Self::FixedLarge),
+        ("fixed_large_log", Self::FixedLargeLog),
+        ("learned", Self::Learned),
+        ("learned_range", Self::LearnedRange),
+    ]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<SchedulerConfig, String> {
+        serde_json::from_str(json).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn missing_fields_take_diffusers_defaults() {
+        assert_eq!(parse("{}").unwrap(), SchedulerConfig::default());
+    }
+
+    #[test]
+    fn sd15_style_config_parses() {
+        let config = parse(
+            r#"{"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0",
+                "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                "num_train_timesteps": 1000, "set_alpha_to_one": false, "skip_prk_steps": true,
+                "steps_offset": 1, "trained_betas": null, "clip_sample": false}"#,
+        )
+        .unwrap();
+        assert_eq!(config.beta_schedule, BetaSchedule::ScaledLinear);
+        assert_eq!(config.steps_offset, 1);
+        assert!(!config.set_alpha_to_one && !config.clip_sample);
+        assert_eq!(config.prediction_type, PredictionType::Epsilon);
+    }
+
+    #[test]
+    fn unsupported_values_name_their_field() {
+        for (json, field) in [
+            (r#"{"beta_schedule": "sigmoid"}"#, "beta_schedule"),
+            (r#"{"prediction_type": "flow"}"#, "prediction_type"),
+            (r#"{"timestep_spacing": "karras"}"#, "timestep_spacing"),
+            (r#"{"variance_type": "huge"}"#, "variance_type"),
+            (r#"{"num_train_timesteps": 0}"#, "num_train_timesteps"),
+            (
+                r#"{"num_train_timesteps": 3, "trained_betas": [0.1, 0.2]}"#,
+                "trained_betas",
+            ),
+            (
+                r#"{"dynamic_thresholding_ratio": 1.5}"#,
+                "dynamic_thresholding_ratio",
+            ),
+        ] {
+            let error = parse(json).unwrap_err();
+            assert!(error.contains(&format!("\"{field}\"")), "{json}: {error}");
+        }
+    }
+}

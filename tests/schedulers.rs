@@ -1,0 +1,380 @@
+//! DDIM and DDPM against diffusers 0.42: `tests/fixtures/cases/schedulers_*` record, for one
+//! scheduler config each, the timesteps, the float32 schedule, every step's inputs and outputs
+//! (with the variance noise diffusers drew), and `add_noise`/`get_velocity` with a different
+//! timestep per batch row.
+
+mod common;
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Result, Shape, Tensor};
+use ldm::rng::NoiseSource;
+use ldm::schedulers::{self, NoiseSchedule, SamplerKind, SchedulerConfig};
+
+/// ᾱ must match torch's float32 schedule to this. It is bit-exact without zero-SNR rescaling,
+/// which goes through torch's float32 sqrt: torch 2.15's CPU sqrt is not correctly rounded
+/// (1 ulp off in ~25% of cases, measured), while ours is.
+const SCHEDULE_TOL: f32 = 1e-6;
+/// Zero-SNR betas near 1 are ratios of tiny ᾱ, where those 1-ulp differences grow.
+const ZERO_SNR_BETAS_TOL: f32 = 1e-5;
+/// One step fed the recorded inputs: 1e-5 abs plus 2e-7 (~2 f32 ulps) of the largest expected
+/// value, for the same 1-ulp sqrt differences in the step coefficients (values reach ~280).
+const STEP_ABS_TOL: f32 = 1e-5;
+const STEP_REL_TOL: f32 = 2e-7;
+/// A whole chain run from the first recorded sample, replaying the recorded noise.
+const FREE_RUN_TOL: f32 = 1e-4;
+
+/// Replays recorded noise tensors in order and counts the draws.
+struct ReplayNoise {
+    queue: VecDeque<Tensor>,
+    drawn: usize,
+}
+
+impl ReplayNoise {
+    fn new(tensors: impl IntoIterator<Item = Tensor>) -> Self {
+        Self {
+            queue: tensors.into_iter().collect(),
+            drawn: 0,
+        }
+    }
+}
+
+impl NoiseSource for ReplayNoise {
+    fn randn(&mut self, shape: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
+        let Some(noise) = self.queue.pop_front() else {
+            candle_core::bail!("no recorded noise left for draw {}", self.drawn);
+        };
+        if noise.shape() != shape {
+            candle_core::bail!(
+                "noise of shape {shape:?} drawn, {:?} recorded",
+                noise.shape()
+            );
+        }
+        self.drawn += 1;
+        noise.to_dtype(dtype)?.to_device(device)
+    }
+}
+
+fn assert_step_close(what: &str, actual: &Tensor, expected: &Tensor) {
+    let scale = expected
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    common::assert_close(what, actual, expected, STEP_ABS_TOL + STEP_REL_TOL * scale);
+}
+
+fn scheduler_cases() -> Vec<String> {
+    let mut cases: Vec<String> = std::fs::read_dir(common::fixture("cases"))
+        .expect("tests/fixtures/cases exists")
+        .filter_map(|entry| {
+            let name = entry.ok()?.file_name().into_string().ok()?;
+            let case = name.strip_suffix(".json")?;
+            case.starts_with("schedulers_").then(|| case.to_string())
+        })
+        .collect();
+    cases.sort();
+    assert!(
+        cases.iter().any(|c| c.contains("ddim")) && cases.iter().any(|c| c.contains("ddpm")),
+        "scheduler fixtures missing: {cases:?}"
+    );
+    cases
+}
+
+/// One recorded case: its config, sampler, step count, eta and tensors.
+struct Case {
+    name: String,
+    config: SchedulerConfig,
+    kind: SamplerKind,
+    steps: usize,
+    eta: f64,
+    noise_drawn: Vec<bool>,
+    tensors: std::collections::HashMap<String, Tensor>,
+}
+
+impl Case {
+    fn load(name: &str) -> Self {
+        let meta = common::load_case_json(name);
+        let config: SchedulerConfig = serde_json::from_value(meta["scheduler_config"].clone())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let kind = match meta["scheduler_class"].as_str().unwrap() {
+            "DDIMScheduler" => SamplerKind::Ddim,
+            "DDPMScheduler" => SamplerKind::Ddpm,
+            other => panic!("{name}: unexpected scheduler class {other}"),
+        };
+        Self {
+            name: name.to_string(),
+            config,
+            kind,
+            steps: meta["num_inference_steps"].as_u64().unwrap() as usize,
+            eta: meta["eta"].as_f64().unwrap_or(0.0),
+            noise_drawn: serde_json::from_value(meta["noise_drawn"].clone()).unwrap(),
+            tensors: common::load_case(name),
+        }
+    }
+
+    fn tensor(&self, key: &str) -> &Tensor {
+        self.tensors
+            .get(key)
+            .unwrap_or_else(|| panic!("{}: no tensor {key}", self.name))
+    }
+
+    /// Row `i` of a per-step tensor `[n, ...]`.
+    fn at(&self, key: &str, i: usize) -> Tensor {
+        self.tensor(key).get(i).unwrap()
+    }
+
+    fn build(&self) -> Box<dyn schedulers::Scheduler> {
+        schedulers::build(self.kind, &self.config, self.steps, self.eta).unwrap()
+    }
+
+    fn recorded_noise(&self) -> Vec<Tensor> {
+        (0..self.steps)
+            .filter(|&i| self.noise_drawn[i])
+            .map(|i| self.at("noise", i))
+            .collect()
+    }
+}
+
+#[test]
+fn timesteps_equal_diffusers_exactly() {
+    for name in scheduler_cases() {
+        let case = Case::load(&name);
+        let expected: Vec<i64> = case.tensor("timesteps").to_vec1().unwrap();
+        let actual: Vec<i64> = case.build().timesteps().iter().map(|&t| t as i64).collect();
+        assert_eq!(actual, expected, "{name}");
+        assert_eq!(case.build().init_noise_sigma(), 1.0);
+    }
+}
+
+#[test]
+fn schedule_matches_torch_float32() {
+    for name in scheduler_cases() {
+        let case = Case::load(&name);
+        let schedule = NoiseSchedule::new(&case.config);
+        let n = schedule.num_train_timesteps();
+        let betas = Tensor::from_slice(schedule.betas(), n, &Device::Cpu).unwrap();
+        let alphas = Tensor::from_slice(schedule.alphas_cumprod(), n, &Device::Cpu).unwrap();
+        common::assert_close(
+            &format!("{name} alphas_cumprod"),
+            &alphas,
+            case.tensor("alphas_cumprod"),
+            SCHEDULE_TOL,
+        );
+        // Zero-SNR betas near 1 are ratios of tiny ᾱ, where torch's inexact sqrt shows.
+        let betas_tol = if case.config.rescale_betas_zero_snr {
+            ZERO_SNR_BETAS_TOL
+        } else {
+            SCHEDULE_TOL
+        };
+        common::assert_close(
+            &format!("{name} betas"),
+            &betas,
+            case.tensor("betas"),
+            betas_tol,
+        );
+    }
+}
+
+#[test]
+fn add_noise_and_velocity_take_per_row_timesteps() {
+    for name in scheduler_cases() {
+        let case = Case::load(&name);
+        let schedule = NoiseSchedule::new(&case.config);
+        let timesteps: Vec<usize> = case
+            .tensor("add_noise_timesteps")
+            .to_vec1::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|t| t as usize)
+            .collect();
+        let (original, noise) = (
+            case.tensor("add_noise_original"),
+            case.tensor("add_noise_noise"),
+        );
+        let noisy = schedule.add_noise(original, noise, &timesteps).unwrap();
+        common::assert_close(
+            &format!("{name} add_noise"),
+            &noisy,
+            case.tensor("add_noise_out"),
+            1e-6,
+        );
+        let velocity = schedule.velocity(original, noise, &timesteps).unwrap();
+        common::assert_close(
+            &format!("{name} velocity"),
+            &velocity,
+            case.tensor("velocity"),
+            1e-6,
+        );
+    }
+}
+
+#[test]
+fn each_step_matches_diffusers() {
+    for name in scheduler_cases() {
+        let case = Case::load(&name);
+        let mut scheduler = case.build();
+        for i in 0..case.steps {
+            let drawn = case.noise_drawn[i];
+            let mut noise = ReplayNoise::new(drawn.then(|| case.at("noise", i)));
+            let out = scheduler
+                .step(
+                    &case.at("model_output", i),
+                    i,
+                    &case.at("sample", i),
+                    &mut noise,
+                )
+                .unwrap();
+            assert_eq!(
+                noise.drawn,
+                usize::from(drawn),
+                "{name} step {i}: noise draws"
+            );
+            assert_step_close(
+                &format!("{name} step {i} prev_sample"),
+                &out.prev_sample,
+                &case.at("prev_sample", i),
+            );
+            assert_step_close(
+                &format!("{name} step {i} pred_original_sample"),
+                &out.pred_original_sample.unwrap(),
+                &case.at("pred_original_sample", i),
+            );
+        }
+    }
+}
+
+#[test]
+fn free_run_replaying_noise_matches_diffusers() {
+    for name in scheduler_cases() {
+        let case = Case::load(&name);
+        let mut scheduler = case.build();
+        let mut noise = ReplayNoise::new(case.recorded_noise());
+        let mut sample = case.at("sample", 0);
+        for i in 0..case.steps {
+            sample = scheduler
+                .step(&case.at("model_output", i), i, &sample, &mut noise)
+                .unwrap()
+                .prev_sample;
+        }
+        assert!(noise.queue.is_empty(), "{name}: recorded noise left over");
+        common::assert_close(
+            &format!("{name} free run"),
+            &sample,
+            &case.at("prev_sample", case.steps - 1),
+            FREE_RUN_TOL,
+        );
+    }
+}
+
+#[test]
+fn scheduler_add_noise_uses_the_steps_timestep() {
+    let case = Case::load("schedulers_ddim_sd15");
+    let scheduler = case.build();
+    let schedule = NoiseSchedule::new(&case.config);
+    let (original, noise) = (
+        case.tensor("add_noise_original"),
+        case.tensor("add_noise_noise"),
+    );
+    for step in [0, 4, case.steps - 1] {
+        let t = scheduler.timesteps()[step] as usize;
+        let expected = schedule.add_noise(original, noise, &[t, t]).unwrap();
+        let actual = scheduler.add_noise(original, noise, step).unwrap();
+        assert_eq!(common::max_abs_diff(&actual, &expected), 0.0, "step {step}");
+    }
+    assert!(scheduler.add_noise(original, noise, case.steps).is_err());
+}
+
+#[test]
+fn half_precision_steps_follow_float32() {
+    let case = Case::load("schedulers_ddpm_sd15");
+    let mut scheduler = case.build();
+    let (model_output, sample) = (case.at("model_output", 3), case.at("sample", 3));
+    let half = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
+    let mut noise = ReplayNoise::new([case.at("noise", 3)]);
+    let out = scheduler
+        .step(&half(&model_output), 3, &half(&sample), &mut noise)
+        .unwrap();
+    assert_eq!(out.prev_sample.dtype(), DType::F16);
+    common::assert_close(
+        "f16 step",
+        &out.prev_sample,
+        &case.at("prev_sample", 3),
+        2e-2,
+    );
+}
+
+#[test]
+fn pipeline_scheduler_configs_parse() {
+    for model in ["tiny-sd1", "tiny-sd2", "tiny-inpaint"] {
+        let path = common::fixture(&format!("{model}/scheduler/scheduler_config.json"));
+        let config = SchedulerConfig::from_file(&path).unwrap();
+        for kind in [SamplerKind::Ddim, SamplerKind::Ddpm] {
+            let scheduler = schedulers::build(kind, &config, 10, 0.0).unwrap();
+            assert_eq!(scheduler.timesteps().len(), 10, "{model} {kind}");
+        }
+    }
+}
+
+fn write_config(dir: &tempfile::TempDir, json: &str) -> PathBuf {
+    let path = dir.path().join("scheduler_config.json");
+    std::fs::write(&path, json).unwrap();
+    path
+}
+
+#[test]
+fn unsupported_configs_are_errors_naming_file_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    for (json, field) in [
+        (r#"{"beta_schedule": "sigmoid"}"#, "beta_schedule"),
+        (
+            r#"{"prediction_type": "flow_prediction"}"#,
+            "prediction_type",
+        ),
+        (r#"{"timestep_spacing": "karras"}"#, "timestep_spacing"),
+        (r#"{"variance_type": "fixed_huge"}"#, "variance_type"),
+        (r#"{"num_train_timesteps": 0}"#, "num_train_timesteps"),
+        (
+            r#"{"num_train_timesteps": 4, "trained_betas": [0.1]}"#,
+            "trained_betas",
+        ),
+    ] {
+        let path = write_config(&dir, json);
+        let error = format!("{:#}", SchedulerConfig::from_file(&path).unwrap_err());
+        assert!(error.contains(&format!("\"{field}\"")), "{json}: {error}");
+        assert!(error.contains("scheduler_config.json"), "{json}: {error}");
+    }
+    let path = write_config(&dir, "{\"beta_start\": ");
+    assert!(SchedulerConfig::from_file(&path).is_err());
+    assert!(SchedulerConfig::from_file(&dir.path().join("missing.json")).is_err());
+}
+
+#[test]
+fn invalid_sampler_settings_are_errors() {
+    let config = SchedulerConfig::default();
+    let error = |kind, config: &SchedulerConfig, steps, eta| {
+        let result = schedulers::build(kind, config, steps, eta);
+        format!("{:#}", result.err().expect("an error"))
+    };
+    for kind in [SamplerKind::Ddim, SamplerKind::Ddpm] {
+        assert!(error(kind, &config, 0, 0.0).contains("at least 1"));
+        assert!(error(kind, &config, 1001, 0.0).contains("num_train_timesteps"));
+        let offset = SchedulerConfig {
+            steps_offset: 1,
+            ..config.clone()
+        };
+        assert!(error(kind, &offset, 1000, 0.0).contains("steps_offset"));
+    }
+    assert!(error(SamplerKind::Ddim, &config, 10, -0.5).contains("eta"));
+    assert!(error(SamplerKind::Ddim, &config, 10, f64::NAN).contains("eta"));
+    let large_log = SchedulerConfig {
+        variance_type: schedulers::VarianceType::FixedLargeLog,
+        ..config
+    };
+    assert!(error(SamplerKind::Ddpm, &large_log, 10, 0.0).contains("variance_type"));
+    // DDIM ignores the variance type, as diffusers does.
+    assert!(schedulers::build(SamplerKind::Ddim, &large_log, 10, 0.0).is_ok());
+}
