@@ -5,7 +5,7 @@
 //! one denoising loop, `rng` the PyTorch-compatible noise source, `image_io` the PNG side,
 //! `model_source` where a pipeline's files come from, and `cli` the thin command-line layer.
 
-#[cfg(any())] // WIP: enabled once the models land
+pub mod batch_manifest;
 pub mod cli;
 pub mod config;
 pub mod device;
@@ -13,8 +13,8 @@ pub mod image_io;
 pub mod infotext;
 pub mod model_source;
 pub mod models;
-#[cfg(any())] // WIP: enabled once the models land
 pub mod pipelines;
+pub mod prompt_file;
 pub mod rng;
 pub mod schedulers;
 pub mod tokenizer;

@@ -369,8 +369,8 @@ pub struct InpaintArgs {
 
 pub fn txt2img(args: Txt2ImgArgs) -> anyhow::Result<()> {
     let pipeline = args.model.load()?;
-    let size = pipeline.default_size();
-    let sampling = args.sampling.sampling(size, size, 1.0);
+    let (width, height) = pipeline.default_size();
+    let sampling = args.sampling.sampling(width, height, 1.0);
     if let Some(file) = &args.batch.from_file {
         return batch(
             &pipeline,
@@ -395,8 +395,8 @@ pub fn txt2img(args: Txt2ImgArgs) -> anyhow::Result<()> {
 pub fn img2img(args: Img2ImgArgs) -> anyhow::Result<()> {
     let pipeline = args.model.load()?;
     if let Some(file) = &args.batch.from_file {
-        let size = pipeline.default_size();
-        let sampling = args.sampling.sampling(size, size, args.strength);
+        let (width, height) = pipeline.default_size();
+        let sampling = args.sampling.sampling(width, height, args.strength);
         let image = args.image.as_deref();
         return batch(
             &pipeline,
@@ -429,8 +429,8 @@ pub fn img2img(args: Img2ImgArgs) -> anyhow::Result<()> {
 pub fn inpaint(args: InpaintArgs) -> anyhow::Result<()> {
     let pipeline = args.model.load()?;
     if let Some(file) = &args.batch.from_file {
-        let size = pipeline.default_size();
-        let sampling = args.sampling.sampling(size, size, args.strength);
+        let (width, height) = pipeline.default_size();
+        let sampling = args.sampling.sampling(width, height, args.strength);
         let (image, mask) = (args.image.as_deref(), args.mask.as_deref());
         return batch(
             &pipeline,
@@ -502,8 +502,8 @@ pub struct BatchCommandArgs {
 
 pub fn batch_command(args: BatchCommandArgs) -> anyhow::Result<()> {
     let pipeline = args.model.load()?;
-    let size = pipeline.default_size();
-    let sampling = args.sampling.sampling(size, size, args.strength);
+    let (width, height) = pipeline.default_size();
+    let sampling = args.sampling.sampling(width, height, args.strength);
     let (image, mask) = (args.image.as_deref(), args.mask.as_deref());
     batch(
         &pipeline,

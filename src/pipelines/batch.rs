@@ -65,10 +65,13 @@ impl StableDiffusion {
 }
 
 fn job_sampling(job: &Job) -> anyhow::Result<Sampling> {
-    let sampler: SamplerKind = job
-        .scheduler
-        .parse()
-        .with_context(|| format!("line {}: unknown scheduler {:?}", job.line, job.scheduler))?;
+    let sampler: SamplerKind = job.scheduler.parse().map_err(|err| {
+        anyhow::anyhow!(
+            "line {}: unknown scheduler {:?}: {err}",
+            job.line,
+            job.scheduler
+        )
+    })?;
     Ok(Sampling {
         sampler,
         steps: job.steps,

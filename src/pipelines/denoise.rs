@@ -96,7 +96,7 @@ impl StableDiffusion {
                 } else {
                     image_latents.clone()
                 };
-                latents = (((1.0 - mask)? * known)? + (mask * &latents)?)?;
+                latents = ((1.0 - mask)?.broadcast_mul(&known)? + mask.broadcast_mul(&latents)?)?;
             }
             on_step(done + 1, total);
         }

@@ -22,7 +22,7 @@ use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::schedulers::SchedulerConfig;
-use crate::tokenizer::PromptTokenizer;
+use crate::tokenizer::{PromptTokenizer, TokenizedPrompt};
 
 /// A loaded Stable Diffusion pipeline: tokenizer, text encoder, U-Net, VAE and the scheduler
 /// config, all read from the pipeline's own files.
@@ -43,8 +43,11 @@ impl StableDiffusion {
     pub fn load(folder: &PipelineFolder, device: &Device, dtype: DType) -> anyhow::Result<Self> {
         let half = dtype != DType::F32;
         let tokenizer = PromptTokenizer::from_dir(&folder.root.join("tokenizer"))?;
-        let scheduler_config =
+        let mut scheduler_config =
             SchedulerConfig::from_file(&folder.root.join("scheduler/scheduler_config.json"))?;
+        // diffusers' Stable Diffusion pipelines patch outdated scheduler configs on load.
+        scheduler_config.steps_offset = 1;
+        scheduler_config.clip_sample = false;
 
         let clip_config = ClipTextConfig::from_file(&folder.config("text_encoder"))?;
         let vb = weights(&folder.weights("text_encoder", half)?, dtype, device)?;
@@ -80,14 +83,20 @@ impl StableDiffusion {
         self.vae_config.vae_scale_factor()
     }
 
-    /// The image size the U-Net was trained at (diffusers' default width and height).
-    pub fn default_size(&self) -> usize {
-        self.unet_config.sample_size * self.vae_scale_factor()
+    /// The image size the U-Net was trained at, `(width, height)`: diffusers' default.
+    pub fn default_size(&self) -> (usize, usize) {
+        // SD configs always carry sample_size; 64 latents is diffusers' SD default otherwise.
+        let (height, width) = self
+            .unet_config
+            .sample_size
+            .map_or((64, 64), |size| size.height_width());
+        let factor = self.vae_scale_factor();
+        (width * factor, height * factor)
     }
 
     /// Prompt embeddings `[B, L, D]` for a batch of prompts, warning about truncation.
     pub fn encode_prompts(&self, prompts: &[&str]) -> anyhow::Result<Tensor> {
-        let mut ids = Vec::with_capacity(prompts.len());
+        let mut tokenized = Vec::with_capacity(prompts.len());
         for prompt in prompts {
             let tokens = self.tokenizer.encode(prompt)?;
             if tokens.truncated {
@@ -97,9 +106,9 @@ impl StableDiffusion {
                     self.tokenizer.max_length()
                 );
             }
-            ids.push(Tensor::new(tokens.ids.as_slice(), &self.device)?);
+            tokenized.push(tokens);
         }
-        let ids = Tensor::stack(&ids, 0)?;
+        let ids = TokenizedPrompt::stack(&tokenized, &self.device)?;
         Ok(self.text_encoder.forward(&ids)?)
     }
 
