@@ -1,0 +1,362 @@
+//! The CLI as a user meets it: outputs and their metadata, seeds, hub-cache loading, and clear
+//! one-line errors (non-zero exit, no panic, no backtrace) for bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn ldm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ldm"))
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap()
+}
+
+fn tiny_sd1() -> String {
+    common::fixture("tiny-sd1").to_string_lossy().into_owned()
+}
+
+/// A small, fast run on the SD1 fixture.
+fn quick(extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "txt2img",
+        "a red apple",
+        "--model",
+        &tiny_sd1(),
+        "--steps",
+        "2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn run(args: &[String]) -> Output {
+    ldm(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// Asserts a clean failure whose message contains every `needle`.
+fn assert_clean_error(output: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "expected failure, got success: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    assert!(!stderr.contains("stack backtrace"), "backtrace: {stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "{needle:?} not in: {stderr}");
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if std::fs::metadata(entry.path()).unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn png_records_how_it_was_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("apple.png");
+    let output = run(&quick(&[
+        "--seed",
+        "7",
+        "-n",
+        "blurry, dark",
+        "--cfg-scale",
+        "5",
+        "-o",
+        out.to_str().unwrap(),
+    ]));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = ldm::image_io::read_png_parameters(&out).unwrap().unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "a red apple");
+    assert_eq!(lines[1], "Negative prompt: blurry, dark");
+    for field in [
+        "Steps: 2",
+        "Sampler: DDIM",
+        "CFG scale: 5.0",
+        "Seed: 7",
+        "Size: 64x64",
+        "Model: tiny-sd1",
+    ] {
+        assert!(lines[2].contains(field), "{field:?} missing from {text:?}");
+    }
+    assert_eq!(image::open(&out).unwrap().to_rgb8().dimensions(), (64, 64));
+}
+
+#[test]
+fn seeds_reproduce_and_count_up_per_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let latents = |name: &str| {
+        candle_core::safetensors::load(path(name), &candle_core::Device::Cpu).unwrap()["latents"]
+            .clone()
+    };
+    let pair = quick(&[
+        "--seed",
+        "11",
+        "-N",
+        "2",
+        "-o",
+        &path("pair.png"),
+        "--save-latents",
+        &path("pair.st"),
+    ]);
+    assert!(run(&pair).status.success());
+    let second = quick(&[
+        "--seed",
+        "12",
+        "-o",
+        &path("second.png"),
+        "--save-latents",
+        &path("second.st"),
+    ]);
+    assert!(run(&second).status.success());
+    let again = quick(&[
+        "--seed",
+        "12",
+        "-o",
+        &path("again.png"),
+        "--save-latents",
+        &path("again.st"),
+    ]);
+    assert!(run(&again).status.success());
+    // The same seed gives the same image, bit for bit.
+    assert_eq!(
+        common::max_abs_diff(&latents("second.st"), &latents("again.st")),
+        0.0
+    );
+    assert_eq!(
+        image::open(path("second.png")).unwrap().to_rgb8(),
+        image::open(path("again.png")).unwrap().to_rgb8()
+    );
+    // Image 2 of a run from seed 11 is the seed-12 image (batched maths differs only in rounding).
+    let pair_latents = latents("pair.st");
+    let alone = latents("second.st");
+    common::assert_close(
+        "image 2 of seed 11 vs seed 12",
+        &pair_latents.get(1).unwrap(),
+        &alone.get(0).unwrap(),
+        1e-4,
+    );
+    assert!(common::max_abs_diff(&pair_latents.get(0).unwrap(), &alone.get(0).unwrap()) > 0.1);
+    let params = ldm::image_io::read_png_parameters(Path::new(&path("pair-2.png")))
+        .unwrap()
+        .unwrap();
+    assert!(params.contains("Seed: 12"), "{params}");
+}
+
+#[test]
+fn random_seed_is_printed_and_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("random.png");
+    let output = run(&quick(&["-o", out.to_str().unwrap()]));
+    assert!(output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let seed = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("seed: "))
+        .expect("the random seed is printed");
+    let params = ldm::image_io::read_png_parameters(&out).unwrap().unwrap();
+    assert!(params.contains(&format!("Seed: {seed},")), "{params}");
+}
+
+#[test]
+fn existing_outputs_are_kept_unless_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    std::fs::write(&out, b"keep me").unwrap();
+    assert_clean_error(
+        &run(&quick(&["--seed", "1", "-o", out.to_str().unwrap()])),
+        &["already exists", "--overwrite"],
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
+    let output = run(&quick(&[
+        "--seed",
+        "1",
+        "--overwrite",
+        "-o",
+        out.to_str().unwrap(),
+    ]));
+    assert!(output.status.success());
+    assert!(image::open(&out).is_ok());
+}
+
+/// A copy of the hub cache layout: models--org--name/{refs/main, snapshots/<commit>/...}.
+fn hub_cache_with_tiny_sd1(cache: &Path, repo: &str) -> PathBuf {
+    let repo_dir = cache.join(format!("models--{}", repo.replace('/', "--")));
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
+    std::fs::write(repo_dir.join("refs/main"), commit).unwrap();
+    let snapshot = repo_dir.join("snapshots").join(commit);
+    copy_dir(&common::fixture("tiny-sd1"), &snapshot);
+    snapshot
+}
+
+#[test]
+fn hub_repo_ids_load_from_the_hub_cache_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("hub");
+    hub_cache_with_tiny_sd1(&cache, "ldm-tests/tiny-sd1");
+    let from_hub = dir.path().join("hub.png");
+    let from_folder = dir.path().join("folder.png");
+    let output = Command::new(env!("CARGO_BIN_EXE_ldm"))
+        .args([
+            "txt2img",
+            "a red apple",
+            "--model",
+            "ldm-tests/tiny-sd1",
+            "--steps",
+            "2",
+            "--seed",
+            "3",
+        ])
+        .arg("-o")
+        .arg(&from_hub)
+        .env("HF_HUB_CACHE", &cache)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(run(&quick(&[
+        "--seed",
+        "3",
+        "-o",
+        from_folder.to_str().unwrap()
+    ]))
+    .status
+    .success());
+    assert_eq!(
+        image::open(&from_hub).unwrap().to_rgb8(),
+        image::open(&from_folder).unwrap().to_rgb8()
+    );
+    let params = ldm::image_io::read_png_parameters(&from_hub)
+        .unwrap()
+        .unwrap();
+    assert!(params.contains("Model: ldm-tests/tiny-sd1"), "{params}");
+
+    // A preset that is not cached fails clearly, naming the repo, without touching the network.
+    let output = Command::new(env!("CARGO_BIN_EXE_ldm"))
+        .args(["txt2img", "x", "--model", "sd15"])
+        .env("HF_HUB_CACHE", &cache)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert_clean_error(
+        &output,
+        &[
+            "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            "model_index.json",
+        ],
+    );
+}
+
+#[test]
+fn bad_sizes_steps_and_names_are_clear_errors() {
+    assert_clean_error(
+        &run(&quick(&["--width", "63"])),
+        &["width 63", "multiple of 2"],
+    );
+    assert_clean_error(&run(&quick(&["--steps", "0"])), &["steps"]);
+    assert_clean_error(
+        &run(&quick(&["--device", "tpu"])),
+        &["unknown device", "tpu"],
+    );
+    assert_clean_error(&run(&quick(&["--sampler", "plms"])), &["plms"]);
+    assert_clean_error(&run(&quick(&["--num-images", "0"])), &["at least 1"]);
+    assert_clean_error(
+        &run(&quick(&["-o", "/nonexistent-dir/x.png"])),
+        &["/nonexistent-dir", "does not exist"],
+    );
+}
+
+#[test]
+fn missing_or_broken_model_files_are_named() {
+    assert_clean_error(
+        &ldm(&["txt2img", "x", "--model", "/no/such/model"]),
+        &["/no/such/model"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+
+    let no_index = dir.path().join("no-index");
+    copy_dir(&common::fixture("tiny-sd1"), &no_index);
+    std::fs::remove_file(no_index.join("model_index.json")).unwrap();
+    assert_clean_error(
+        &ldm(&["txt2img", "x", "--model", no_index.to_str().unwrap()]),
+        &["model_index.json"],
+    );
+
+    let bad_config = dir.path().join("bad-config");
+    copy_dir(&common::fixture("tiny-sd1"), &bad_config);
+    std::fs::write(bad_config.join("unet/config.json"), "{ not json").unwrap();
+    assert_clean_error(
+        &ldm(&["txt2img", "x", "--model", bad_config.to_str().unwrap()]),
+        &["malformed config file", "unet/config.json"],
+    );
+
+    let no_weights = dir.path().join("no-weights");
+    copy_dir(&common::fixture("tiny-sd1"), &no_weights);
+    std::fs::remove_file(no_weights.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
+    assert_clean_error(
+        &ldm(&["txt2img", "x", "--model", no_weights.to_str().unwrap()]),
+        &["vae/diffusion_pytorch_model.safetensors"],
+    );
+
+    let missing_tensor = dir.path().join("missing-tensor");
+    copy_dir(&common::fixture("tiny-sd1"), &missing_tensor);
+    let weights = missing_tensor.join("unet/diffusion_pytorch_model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
+    tensors.remove("conv_out.weight").unwrap();
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    assert_clean_error(
+        &ldm(&["txt2img", "x", "--model", missing_tensor.to_str().unwrap()]),
+        &["conv_out.weight", "unet"],
+    );
+}
+
+#[test]
+fn unreadable_images_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_an_image = dir.path().join("notes.png");
+    std::fs::write(&not_an_image, b"this is text").unwrap();
+    let args = [
+        "img2img",
+        "x",
+        "--model",
+        &tiny_sd1(),
+        "--image",
+        not_an_image.to_str().unwrap(),
+    ];
+    assert_clean_error(&ldm(&args), &["notes.png"]);
+    let args = [
+        "img2img",
+        "x",
+        "--model",
+        &tiny_sd1(),
+        "--image",
+        "/no/such.png",
+    ];
+    assert_clean_error(&ldm(&args), &["/no/such.png"]);
+}
