@@ -11,3 +11,20 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
         .with_context(|| format!("cannot read config file {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("malformed config file {}", path.display()))
 }
+
+/// A model's native `sample_size`: diffusers accepts one size or a `[height, width]` pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(untagged)]
+pub enum SampleSize {
+    Square(usize),
+    HeightWidth([usize; 2]),
+}
+
+impl SampleSize {
+    pub fn height_width(self) -> (usize, usize) {
+        match self {
+            Self::Square(size) => (size, size),
+            Self::HeightWidth([height, width]) => (height, width),
+        }
+    }
+}

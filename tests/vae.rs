@@ -7,10 +7,11 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
+use ldm::config::SampleSize;
 use ldm::models::resnet::{
     upsample_nearest, Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D,
 };
-use ldm::models::vae::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian, SampleSize};
+use ldm::models::vae::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian};
 use ldm::rng::TorchGenerator;
 
 use common::{assert_close, fixture, load_case, max_abs_diff};

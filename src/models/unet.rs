@@ -17,6 +17,7 @@ use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::nn::{conv2d, group_norm, Activation, Conv2d, GroupNorm};
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
 use super::transformer::{Transformer2DConfig, Transformer2DModel};
+use crate::config::SampleSize;
 
 /// A config value given once for all down blocks or as a list with one entry per down block.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -36,23 +37,6 @@ impl<T: Clone> PerBlock<T> {
                 "UNet config: {field} has {} entries but there are {blocks} down blocks",
                 values.len()
             ),
-        }
-    }
-}
-
-/// `sample_size`: the latent size the model was trained at, square or `[height, width]`.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
-#[serde(untagged)]
-pub enum SampleSize {
-    Square(usize),
-    HeightWidth([usize; 2]),
-}
-
-impl SampleSize {
-    pub fn height_width(self) -> (usize, usize) {
-        match self {
-            Self::Square(size) => (size, size),
-            Self::HeightWidth([height, width]) => (height, width),
         }
     }
 }

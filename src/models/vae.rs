@@ -9,6 +9,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use crate::config::SampleSize;
 use crate::models::attention::Attention;
 use crate::models::nn::{self, Activation, Conv2d, GroupNorm};
 use crate::models::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
@@ -56,14 +57,6 @@ pub struct AutoencoderKLConfig {
     /// The VAE overflows in f16 at high resolutions; pipelines should run it in f32.
     #[serde(default = "default_true")]
     pub force_upcast: bool,
-}
-
-/// diffusers accepts one size or a `[height, width]` pair.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
-pub enum SampleSize {
-    Square(usize),
-    HeightWidth([usize; 2]),
 }
 
 fn default_image_channels() -> usize {
