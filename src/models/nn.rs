@@ -87,14 +87,21 @@ pub fn scaled_dot_product_attention(
     v: &Tensor,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
+    let dtype = q.dtype();
     let head_dim = q.dim(D::Minus1)?;
     let scale = 1.0 / (head_dim as f64).sqrt();
-    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    // f16 scores overflow on SD 2.x (diffusers' `upcast_attention`): take them in f32.
+    let score_dtype = if dtype == DType::F16 { DType::F32 } else { dtype };
+    let q = q.to_dtype(score_dtype)?.contiguous()?;
+    let k = k.to_dtype(score_dtype)?.t()?.contiguous()?;
+    let scores = (q.matmul(&k)? * scale)?;
     let scores = match mask {
-        Some(mask) => scores.broadcast_add(mask)?,
+        Some(mask) => scores.broadcast_add(&mask.to_dtype(score_dtype)?)?,
         None => scores,
     };
-    softmax_last_dim(&scores)?.matmul(&v.contiguous()?)
+    softmax_last_dim(&scores)?
+        .to_dtype(dtype)?
+        .matmul(&v.contiguous()?)
 }
 
 /// `[batch, len, heads * head_dim]` -> `[batch, heads, len, head_dim]`.
