@@ -45,7 +45,16 @@ impl PipelineFolder {
     /// Resolves `--model`: `None` means the embedded default.
     pub fn resolve(model: Option<&str>, half_precision: bool) -> anyhow::Result<Self> {
         let Some(model) = model else {
-            return Self::local(&default_model_dir(), "ldm-default");
+            let dir = default_model_dir();
+            if !dir.join("model_index.json").is_file() {
+                bail!(
+                    "no default model in {} yet (see weights/README.md); pass --model with a \
+                     diffusers folder, a hub repo id or a preset ({})",
+                    dir.display(),
+                    preset_names()
+                );
+            }
+            return Self::local(&dir, "ldm-default");
         };
         let path = Path::new(model);
         if path.is_dir() {
@@ -63,7 +72,7 @@ impl PipelineFolder {
         }
         bail!(
             "model {model:?} is neither a pipeline folder, a hub repo id (owner/name) nor a preset ({})",
-            PRESETS.iter().map(|(p, _)| *p).collect::<Vec<_>>().join(", ")
+            preset_names()
         )
     }
 
@@ -141,6 +150,10 @@ impl PipelineFolder {
             bail!("missing weights file {}", full.display())
         }
     }
+}
+
+fn preset_names() -> String {
+    PRESETS.iter().map(|(p, _)| *p).collect::<Vec<_>>().join(", ")
 }
 
 fn looks_like_repo_id(s: &str) -> bool {
