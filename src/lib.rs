@@ -18,3 +18,4 @@ pub mod prompt_file;
 pub mod rng;
 pub mod schedulers;
 pub mod tokenizer;
+pub mod training;

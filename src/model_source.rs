@@ -153,7 +153,11 @@ impl PipelineFolder {
 }
 
 fn preset_names() -> String {
-    PRESETS.iter().map(|(p, _)| *p).collect::<Vec<_>>().join(", ")
+    PRESETS
+        .iter()
+        .map(|(p, _)| *p)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn looks_like_repo_id(s: &str) -> bool {

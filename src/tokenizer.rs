@@ -242,6 +242,12 @@ impl PromptTokenizer {
         self.max_length
     }
 
+    /// How many token ids there are, added tokens included: the rows a text encoder's token
+    /// embedding needs for this tokenizer.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
     pub fn bos_id(&self) -> u32 {
         self.bos_id
     }

@@ -44,7 +44,7 @@ impl ModelArgs {
     }
 }
 
-fn default_device() -> DeviceSpec {
+pub(super) fn default_device() -> DeviceSpec {
     if candle_core::utils::cuda_is_available() {
         DeviceSpec::Cuda(0)
     } else if candle_core::utils::metal_is_available() {

@@ -1,6 +1,7 @@
 //! The command-line interface: argument parsing and dispatch only; the library does the work.
 
 mod generate;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +23,10 @@ pub enum Command {
     Inpaint(generate::InpaintArgs),
     /// Generate every prompt of a prompt file; re-running resumes where it stopped.
     Batch(generate::BatchCommandArgs),
+    /// Train a VAE (AutoencoderKL) on an image folder, on its ELBO.
+    TrainVae(train::TrainVaeArgs),
+    /// Train a text-conditioned latent U-Net on captioned images; export a diffusers pipeline.
+    Train(train::TrainArgs),
 }
 
 /// Parses the command line and runs it.
@@ -32,5 +37,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Img2img(args) => generate::img2img(args),
         Command::Inpaint(args) => generate::inpaint(args),
         Command::Batch(args) => generate::batch_command(args),
+        Command::TrainVae(args) => train::train_vae(args),
+        Command::Train(args) => train::train(args),
     }
 }

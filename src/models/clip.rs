@@ -7,12 +7,12 @@ use std::path::Path;
 
 use candle_core::{bail, DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Init, Linear, VarBuilder};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::models::nn::{self, Activation, LayerNorm};
 
 /// `text_encoder/config.json`, with transformers' `CLIPTextConfig` names and defaults.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct ClipTextConfig {
     pub vocab_size: usize,

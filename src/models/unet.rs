@@ -11,7 +11,7 @@ use std::path::Path;
 use anyhow::Context;
 use candle_core::{bail, Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::nn::{conv2d, group_norm, Activation, Conv2d, GroupNorm};
@@ -20,7 +20,7 @@ use super::transformer::{Transformer2DConfig, Transformer2DModel};
 use crate::config::SampleSize;
 
 /// A config value given once for all down blocks or as a list with one entry per down block.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum PerBlock<T> {
     Shared(T),
@@ -47,7 +47,7 @@ impl<T: Clone> PerBlock<T> {
 /// embedding, dual cross-attention, ...) are read so that a config using them is rejected with
 /// a clear error instead of silently building a different network. `time_cond_proj_dim` (LCM)
 /// is accepted: like diffusers without a `timestep_cond`, its projection is simply unused.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct UNet2DConditionConfig {
     pub sample_size: Option<SampleSize>,

@@ -1,0 +1,398 @@
+//! A trained model written as a diffusers pipeline folder, the layout that
+//! `StableDiffusionPipeline.from_pretrained` and `ldm txt2img --model` load:
+//!
+//! ```text
+//! OUT/model_index.json
+//! OUT/unet/config.json, diffusion_pytorch_model.safetensors
+//! OUT/text_encoder/config.json, model.safetensors          (transformers' CLIPTextModel)
+//! OUT/vae/config.json, diffusion_pytorch_model.safetensors (copied)
+//! OUT/tokenizer/...                                        (copied)
+//! OUT/scheduler/scheduler_config.json                      (DDIM over the training schedule)
+//! ```
+//!
+//! The folder is built whole in a temporary folder inside OUT, then moved in: `model_index.json`
+//! is removed first, the components are swapped by renames, and `model_index.json` comes back
+//! last. A kill at any moment therefore leaves either a complete pipeline or a folder without
+//! `model_index.json`, which no loader accepts — never a pipeline mixing two exports. Other
+//! files of OUT (checkpoints, losses, samples) are left alone; diffusers ignores them.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Value};
+
+use crate::models::clip::ClipTextConfig;
+use crate::models::unet::UNet2DConditionConfig;
+use crate::tokenizer::PromptTokenizer;
+
+pub const MODEL_INDEX: &str = "model_index.json";
+pub const UNET_DIR: &str = "unet";
+pub const VAE_DIR: &str = "vae";
+pub const TEXT_ENCODER_DIR: &str = "text_encoder";
+pub const TOKENIZER_DIR: &str = "tokenizer";
+pub const SCHEDULER_DIR: &str = "scheduler";
+const CONFIG_FILE: &str = "config.json";
+const SCHEDULER_CONFIG_FILE: &str = "scheduler_config.json";
+/// The weight file stem diffusers gives its models (U-Net, VAE).
+const DIFFUSERS_WEIGHTS: &str = "diffusion_pytorch_model";
+/// The weight file stem transformers gives its models (the text encoder).
+const TRANSFORMERS_WEIGHTS: &str = "model";
+const TEMP_PREFIX: &str = ".export-tmp-";
+/// The diffusers release whose file formats these configs follow.
+const DIFFUSERS_FORMAT_VERSION: &str = "0.42.1";
+
+/// Stable Diffusion's training noise schedule (scaled_linear 0.00085 → 0.012 over 1000 steps).
+pub const SD_NUM_TRAIN_TIMESTEPS: usize = 1000;
+pub const SD_BETA_START: f64 = 0.00085;
+pub const SD_BETA_END: f64 = 0.012;
+
+/// `scheduler_config.json` for a model trained on SD's schedule with `prediction_type`
+/// ("epsilon" or "v_prediction"): DDIM as the SD pipelines configure it (`steps_offset` 1, no
+/// sample clipping, ᾱ before the first step taken as ᾱ₀). Training reads its noise schedule
+/// from this same value, so the exported sampler and the training schedule cannot disagree.
+pub fn ddim_scheduler_config(prediction_type: &str) -> Value {
+    json!({
+        "_class_name": "DDIMScheduler",
+        "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+        "num_train_timesteps": SD_NUM_TRAIN_TIMESTEPS,
+        "beta_start": SD_BETA_START,
+        "beta_end": SD_BETA_END,
+        "beta_schedule": "scaled_linear",
+        "trained_betas": null,
+        "clip_sample": false,
+        "clip_sample_range": 1.0,
+        "set_alpha_to_one": false,
+        "steps_offset": 1,
+        "prediction_type": prediction_type,
+        "timestep_spacing": "leading",
+        "thresholding": false,
+        "dynamic_thresholding_ratio": 0.995,
+        "sample_max_value": 1.0,
+        "rescale_betas_zero_snr": false,
+    })
+}
+
+/// Where the exported text encoder comes from.
+pub enum TextEncoderExport<'a> {
+    /// Trained here: `weights` are named as transformers names them (`text_model.…`).
+    Trained {
+        config: &'a ClipTextConfig,
+        weights: &'a HashMap<String, Tensor>,
+        /// Supplies the special token ids recorded in the config.
+        tokenizer: &'a PromptTokenizer,
+    },
+    /// A frozen pretrained `text_encoder/` folder, copied.
+    Copied(&'a Path),
+}
+
+/// Everything a pipeline folder is made of.
+pub struct PipelineExport<'a> {
+    pub unet_config: &'a UNet2DConditionConfig,
+    /// diffusers names (`down_blocks.0.resnets.0.conv1.weight`, ...).
+    pub unet_weights: &'a HashMap<String, Tensor>,
+    pub text_encoder: TextEncoderExport<'a>,
+    /// A diffusers `vae/` folder, copied.
+    pub vae_dir: &'a Path,
+    /// A `tokenizer/` folder, copied.
+    pub tokenizer_dir: &'a Path,
+    pub scheduler_config: &'a Value,
+    /// Precision of the written weights: F32, or F16 to halve the size. Copied components keep
+    /// their precision under F32 and are converted under F16.
+    pub save_dtype: DType,
+}
+
+/// Writes `export` as a pipeline folder into `out_dir` (created if needed), replacing a
+/// previous export there.
+pub fn export_pipeline(out_dir: &Path, export: &PipelineExport) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        matches!(export.save_dtype, DType::F32 | DType::F16 | DType::BF16),
+        "cannot save weights as {:?}",
+        export.save_dtype
+    );
+    std::fs::create_dir_all(out_dir)
+        .with_context(|| format!("cannot create {}", out_dir.display()))?;
+    remove_stale_temporaries(out_dir)?;
+    let staged = tempfile::Builder::new()
+        .prefix(TEMP_PREFIX)
+        .tempdir_in(out_dir)
+        .with_context(|| format!("cannot create a temporary folder in {}", out_dir.display()))?;
+    stage(staged.path(), export)?;
+    sync_files(staged.path())?;
+    install(out_dir, staged.path())
+}
+
+/// Writes every component and `model_index.json` into `dir`.
+fn stage(dir: &Path, export: &PipelineExport) -> anyhow::Result<()> {
+    let dtype = export.save_dtype;
+    let unet = create_dir(&dir.join(UNET_DIR))?;
+    write_json(
+        &unet.join(CONFIG_FILE),
+        &unet_config_json(export.unet_config)?,
+    )?;
+    write_weights(
+        &unet.join(format!("{DIFFUSERS_WEIGHTS}.safetensors")),
+        export.unet_weights,
+        dtype,
+    )?;
+
+    let text_encoder = dir.join(TEXT_ENCODER_DIR);
+    match &export.text_encoder {
+        TextEncoderExport::Trained {
+            config,
+            weights,
+            tokenizer,
+        } => {
+            create_dir(&text_encoder)?;
+            let config_json = text_encoder_config_json(config, tokenizer)?;
+            write_json(&text_encoder.join(CONFIG_FILE), &config_json)?;
+            write_weights(
+                &text_encoder.join(format!("{TRANSFORMERS_WEIGHTS}.safetensors")),
+                weights,
+                dtype,
+            )?;
+        }
+        TextEncoderExport::Copied(source) => {
+            copy_model(source, &text_encoder, TRANSFORMERS_WEIGHTS, dtype)?
+        }
+    }
+    copy_model(export.vae_dir, &dir.join(VAE_DIR), DIFFUSERS_WEIGHTS, dtype)?;
+    copy_files(export.tokenizer_dir, &dir.join(TOKENIZER_DIR))?;
+    let scheduler = create_dir(&dir.join(SCHEDULER_DIR))?;
+    write_json(
+        &scheduler.join(SCHEDULER_CONFIG_FILE),
+        export.scheduler_config,
+    )?;
+    write_json(
+        &dir.join(MODEL_INDEX),
+        &model_index_json(export.scheduler_config),
+    )
+}
+
+/// Moves the staged components into `out_dir`, `model_index.json` last (see the module doc).
+fn install(out_dir: &Path, staged: &Path) -> anyhow::Result<()> {
+    let index = out_dir.join(MODEL_INDEX);
+    remove_file_if_present(&index)?;
+    // Replaced components go into the staging folder, deleted with it.
+    let retired = create_dir(&staged.join("retired"))?;
+    for component in [
+        UNET_DIR,
+        TEXT_ENCODER_DIR,
+        VAE_DIR,
+        TOKENIZER_DIR,
+        SCHEDULER_DIR,
+    ] {
+        let target = out_dir.join(component);
+        if target.symlink_metadata().is_ok() {
+            rename(&target, &retired.join(component))?;
+        }
+        rename(&staged.join(component), &target)?;
+    }
+    sync_dir(out_dir)?;
+    rename(&staged.join(MODEL_INDEX), &index)?;
+    sync_dir(out_dir)
+}
+
+/// diffusers' `unet/config.json`: our config under diffusers' names, plus the class name.
+fn unet_config_json(config: &UNet2DConditionConfig) -> anyhow::Result<Value> {
+    let mut json = serde_json::to_value(config)?;
+    let fields = json
+        .as_object_mut()
+        .context("U-Net config is not an object")?;
+    fields.insert("_class_name".into(), "UNet2DConditionModel".into());
+    fields.insert("_diffusers_version".into(), DIFFUSERS_FORMAT_VERSION.into());
+    Ok(json)
+}
+
+/// transformers' `CLIPTextConfig` as `text_encoder/config.json`.
+fn text_encoder_config_json(
+    config: &ClipTextConfig,
+    tokenizer: &PromptTokenizer,
+) -> anyhow::Result<Value> {
+    let mut json = serde_json::to_value(config)?;
+    let fields = json
+        .as_object_mut()
+        .context("text encoder config is not an object")?;
+    fields.insert("architectures".into(), json!(["CLIPTextModel"]));
+    fields.insert("model_type".into(), "clip_text_model".into());
+    fields.insert("bos_token_id".into(), tokenizer.bos_id().into());
+    fields.insert("eos_token_id".into(), tokenizer.eos_id().into());
+    fields.insert("pad_token_id".into(), tokenizer.pad_id().into());
+    Ok(json)
+}
+
+fn model_index_json(scheduler_config: &Value) -> Value {
+    let scheduler_class = scheduler_config
+        .get("_class_name")
+        .and_then(Value::as_str)
+        .unwrap_or("DDIMScheduler");
+    json!({
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+        "feature_extractor": [null, null],
+        "image_encoder": [null, null],
+        "requires_safety_checker": false,
+        "safety_checker": [null, null],
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    })
+}
+
+/// Safetensors with the `{"format": "pt"}` metadata transformers requires; floating-point
+/// tensors cast to `dtype`.
+fn write_weights(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    dtype: DType,
+) -> anyhow::Result<()> {
+    let cast = tensors
+        .iter()
+        .map(|(name, tensor)| {
+            let tensor = if tensor.dtype().is_float() {
+                tensor.to_dtype(dtype)?
+            } else {
+                tensor.clone()
+            };
+            Ok((name.clone(), tensor.to_device(&Device::Cpu)?))
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(cast, Some(metadata), path)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Copies a model folder's `config.json` and weights (`<stem>.safetensors`, else the
+/// `<stem>.fp16.safetensors` variant) to `dest`, the weights under `<stem>.safetensors`;
+/// converted when saving in half precision.
+fn copy_model(source: &Path, dest: &Path, stem: &str, dtype: DType) -> anyhow::Result<()> {
+    create_dir(dest)?;
+    copy_file(&source.join(CONFIG_FILE), &dest.join(CONFIG_FILE))?;
+    let weights = model_weights(source, stem)?;
+    let target = dest.join(format!("{stem}.safetensors"));
+    if dtype == DType::F32 {
+        copy_file(&weights, &target)
+    } else {
+        let tensors = candle_core::safetensors::load(&weights, &Device::Cpu)
+            .with_context(|| format!("cannot read {}", weights.display()))?;
+        write_weights(&target, &tensors, dtype)
+    }
+}
+
+/// The safetensors weights of a model folder: `<stem>.safetensors`, else its fp16 variant.
+pub fn model_weights(dir: &Path, stem: &str) -> anyhow::Result<PathBuf> {
+    [
+        format!("{stem}.safetensors"),
+        format!("{stem}.fp16.safetensors"),
+    ]
+    .into_iter()
+    .map(|name| dir.join(name))
+    .find(|path| path.is_file())
+    .with_context(|| format!("{} has no {stem}.safetensors", dir.display()))
+}
+
+/// The U-Net / VAE weights file of a diffusers model folder.
+pub fn diffusers_weights(dir: &Path) -> anyhow::Result<PathBuf> {
+    model_weights(dir, DIFFUSERS_WEIGHTS)
+}
+
+/// The weights file of a transformers model folder (the text encoder).
+pub fn transformers_weights(dir: &Path) -> anyhow::Result<PathBuf> {
+    model_weights(dir, TRANSFORMERS_WEIGHTS)
+}
+
+/// Copies every file directly inside `source` (a tokenizer folder) to `dest`.
+fn copy_files(source: &Path, dest: &Path) -> anyhow::Result<()> {
+    create_dir(dest)?;
+    let entries =
+        std::fs::read_dir(source).with_context(|| format!("cannot list {}", source.display()))?;
+    for entry in entries {
+        let path = entry
+            .with_context(|| format!("cannot list {}", source.display()))?
+            .path();
+        if path.is_file() {
+            copy_file(
+                &path,
+                &dest.join(path.file_name().expect("a file has a name")),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn copy_file(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::copy(from, to)
+        .map(|_| ())
+        .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))
+}
+
+fn write_json(path: &Path, value: &Value) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(value)? + "\n";
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn create_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir.to_path_buf())
+}
+
+fn rename(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::rename(from, to)
+        .with_context(|| format!("cannot rename {} to {}", from.display(), to.display()))
+}
+
+fn remove_file_if_present(path: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("cannot remove {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Flushes every file under `dir` to disk, so the renames never publish unwritten data.
+fn sync_files(dir: &Path) -> anyhow::Result<()> {
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    for entry in entries {
+        let path = entry
+            .with_context(|| format!("cannot list {}", dir.display()))?
+            .path();
+        if path.is_dir() {
+            sync_files(&path)?;
+        } else {
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("cannot sync {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes renames inside `dir` durable (a no-op where directories cannot be synced).
+fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync {}", dir.display()))?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// Removes staging folders left by an export that was killed.
+fn remove_stale_temporaries(out_dir: &Path) -> anyhow::Result<()> {
+    let entries =
+        std::fs::read_dir(out_dir).with_context(|| format!("cannot list {}", out_dir.display()))?;
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+            let path = entry.path();
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+    }
+    Ok(())
+}

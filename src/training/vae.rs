@@ -1,0 +1,573 @@
+//! `ldm train-vae`: trains a diffusers `AutoencoderKL` by minimising the negative ELBO.
+//!
+//! Per batch of images `x` (in [-1, 1]):
+//!
+//! ```text
+//! q(z|x) = N(μ, diag σ²)        from the encoder (mean and log-variance)
+//! z      = μ + σ · ε            ε ~ N(0, I) from TorchGenerator(seed): the reparameterisation
+//! loss   = reconstruction(decode(z), x) + kl_weight · KL(q(z|x) ‖ N(0, I))
+//! ```
+//!
+//! Normalisation, as diffusers' `train_autoencoderkl.py`: the reconstruction term (`l1`: |x̂ − x|,
+//! `l2`: (x̂ − x)²) is a mean over every pixel and channel of the batch; the KL term is the closed
+//! form `½ Σ (μ² + σ² − 1 − log σ²)` summed over each image's latent elements, then averaged over
+//! the batch. Because the KL is a per-image sum and the reconstruction a per-pixel mean, useful
+//! `kl_weight`s are small (default 1e-6, diffusers' default).
+//!
+//! At the end the latent scaling factor is measured as the LDM paper does — `1 / std` of sampled
+//! training latents (all images, at most `SCALING_FACTOR_IMAGES`) — and written into the
+//! exported `OUT/vae/config.json` with the weights (EMA ones if `ema_decay` is set).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use serde_json::{json, Value};
+
+use super::checkpoint::{self, TrainState};
+use super::data::{self, DataCursor, ImageFolder};
+use super::metrics::{image_grid, LossLog, StepReport, TrainObserver};
+use super::optim::{self, AdamW, AdamWConfig, Ema};
+use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::rng::TorchGenerator;
+
+/// The scaling factor is measured on at most this many training images.
+pub const SCALING_FACTOR_IMAGES: usize = 1024;
+/// Images shown (originals above reconstructions) in each sample grid.
+const SAMPLE_IMAGES: usize = 8;
+const LOSS_COLUMNS: [&str; 3] = ["reconstruction", "kl", "total"];
+const LATENT_SEED_OFFSET: u64 = 0x5ca1e;
+
+/// The reconstruction term of the ELBO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReconLoss {
+    /// Mean absolute error (a Laplace likelihood).
+    L1,
+    /// Mean squared error (a Gaussian likelihood).
+    L2,
+}
+
+/// The VAE's architecture: a diffusers `vae/config.json`, or the sizes that matter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VaeArchitecture {
+    ConfigFile(PathBuf),
+    Sizes {
+        block_out_channels: Vec<usize>,
+        layers_per_block: usize,
+        latent_channels: usize,
+        norm_num_groups: usize,
+    },
+}
+
+impl VaeArchitecture {
+    /// The config as JSON (a file's own keys kept), `sample_size` set to the training size when
+    /// built from sizes.
+    fn config_json(&self, resolution: usize) -> anyhow::Result<Value> {
+        match self {
+            Self::ConfigFile(path) => crate::config::read_json(path),
+            Self::Sizes {
+                block_out_channels,
+                layers_per_block,
+                latent_channels,
+                norm_num_groups,
+            } => {
+                let levels = block_out_channels.len();
+                Ok(json!({
+                    "_class_name": "AutoencoderKL",
+                    "in_channels": 3,
+                    "out_channels": 3,
+                    "down_block_types": vec!["DownEncoderBlock2D"; levels],
+                    "up_block_types": vec!["UpDecoderBlock2D"; levels],
+                    "block_out_channels": block_out_channels,
+                    "layers_per_block": layers_per_block,
+                    "act_fn": "silu",
+                    "latent_channels": latent_channels,
+                    "norm_num_groups": norm_num_groups,
+                    "sample_size": resolution,
+                }))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainVaeOptions {
+    pub data: PathBuf,
+    pub output: PathBuf,
+    pub architecture: VaeArchitecture,
+    pub resolution: usize,
+    /// Mirror each image with probability ½ (fixed per seed and epoch).
+    pub flip: bool,
+    pub recon_loss: ReconLoss,
+    pub kl_weight: f64,
+    pub lr: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub max_grad_norm: Option<f64>,
+    pub batch_size: usize,
+    pub max_steps: usize,
+    pub seed: u64,
+    pub device: Device,
+    /// f32, or bf16/f16 mixed precision on a GPU.
+    pub dtype: DType,
+    pub ema_decay: Option<f64>,
+    pub save_every: Option<usize>,
+    pub sample_every: Option<usize>,
+    /// Continue from `output/checkpoint` (required when one exists).
+    pub resume: bool,
+}
+
+impl TrainVaeOptions {
+    /// Defaults for everything but the data and output folders: the flag defaults of the CLI.
+    pub fn new(data: PathBuf, output: PathBuf) -> Self {
+        Self {
+            data,
+            output,
+            architecture: VaeArchitecture::Sizes {
+                block_out_channels: vec![32, 64],
+                layers_per_block: 1,
+                latent_channels: 4,
+                norm_num_groups: 32,
+            },
+            resolution: 64,
+            flip: false,
+            recon_loss: ReconLoss::L1,
+            kl_weight: 1e-6,
+            lr: 1e-4,
+            warmup_steps: 0,
+            weight_decay: 1e-2,
+            max_grad_norm: Some(1.0),
+            batch_size: 4,
+            max_steps: 1000,
+            seed: 0,
+            device: Device::Cpu,
+            dtype: DType::F32,
+            ema_decay: None,
+            save_every: None,
+            sample_every: None,
+            resume: false,
+        }
+    }
+
+    /// What must not change between a run and its resumption.
+    fn identity(&self, config: &Value, images: usize) -> Value {
+        json!({
+            "vae_config": config,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "resolution": self.resolution,
+            "flip": self.flip,
+            "images": images,
+            "ema": self.ema_decay.is_some(),
+        })
+    }
+}
+
+/// How a call to [`train`] ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainVaeSummary {
+    /// Optimizer updates completed in total (including before a resume).
+    pub step: usize,
+    /// Updates run by this call.
+    pub steps_run: usize,
+    /// Stopped by the observer (Ctrl-C) before `max_steps`: checkpointed, not exported.
+    pub interrupted: bool,
+    pub images: usize,
+    pub skipped_images: usize,
+    /// The last step's (reconstruction, KL, total), if any step ran.
+    pub last_losses: Option<[f64; 3]>,
+    /// Measured and written into the exported config (when not interrupted).
+    pub scaling_factor: Option<f64>,
+    /// `output/vae`, when exported.
+    pub vae_dir: Option<PathBuf>,
+    pub seconds: f64,
+}
+
+/// The terms of the negative ELBO for one batch (scalars, f32 — or the model dtype if wider).
+pub struct NegativeElbo {
+    pub reconstruction: Tensor,
+    pub kl: Tensor,
+    pub total: Tensor,
+}
+
+/// The negative ELBO of `images` with the reparameterised sample `z = μ + σ·eps`
+/// (normalised as the module documentation says), and the decoded `z`.
+pub fn negative_elbo(
+    vae: &AutoencoderKL,
+    images: &Tensor,
+    eps: &Tensor,
+    recon_loss: ReconLoss,
+    kl_weight: f64,
+) -> candle_core::Result<(NegativeElbo, Tensor)> {
+    let posterior = vae.encode(images)?;
+    let decoded = vae.decode(&posterior.sample(eps)?)?;
+    let loss_dtype = crate::models::nn::internal_dtype(images.dtype());
+    let error = (decoded.to_dtype(loss_dtype)? - images.to_dtype(loss_dtype)?)?;
+    let reconstruction = match recon_loss {
+        ReconLoss::L1 => error.abs()?.mean_all()?,
+        ReconLoss::L2 => error.sqr()?.mean_all()?,
+    };
+    let kl = posterior.kl()?.to_dtype(loss_dtype)?.mean_all()?;
+    let total = (&reconstruction + (&kl * kl_weight)?)?;
+    let terms = NegativeElbo {
+        reconstruction,
+        kl,
+        total,
+    };
+    Ok((terms, decoded))
+}
+
+/// Everything a run needs, built once.
+struct Run<'a> {
+    opts: &'a TrainVaeOptions,
+    data: ImageFolder,
+    config: AutoencoderKLConfig,
+    config_json: Value,
+    varmap: VarMap,
+    optim: AdamW,
+    ema: Option<Ema>,
+    generator: TorchGenerator,
+    cursor: DataCursor,
+    step: usize,
+    identity: Value,
+}
+
+/// Trains (or resumes) as `opts` says, reporting to `observer`; see the module documentation.
+pub fn train(
+    opts: &TrainVaeOptions,
+    observer: &mut dyn TrainObserver,
+) -> anyhow::Result<TrainVaeSummary> {
+    let started = Instant::now();
+    let mut run = Run::prepare(opts, observer)?;
+    let resumed_from = run.step;
+    let mut log = LossLog::open(&opts.output, &LOSS_COLUMNS, opts.resume.then_some(run.step))?;
+    let mut last_losses = None;
+    let mut interrupted = false;
+    observer.on_start(run.step, opts.max_steps);
+    while run.step < opts.max_steps {
+        if observer.should_stop() {
+            interrupted = true;
+            break;
+        }
+        let (losses, lr, grad_norm) = run.train_step()?;
+        log.record(run.step, &losses)?;
+        last_losses = Some(losses);
+        let named: Vec<(&str, f64)> = LOSS_COLUMNS.into_iter().zip(losses).collect();
+        observer.on_step(&StepReport {
+            step: run.step,
+            max_steps: opts.max_steps,
+            lr,
+            grad_norm,
+            losses: &named,
+        });
+        if every(opts.sample_every, run.step) {
+            let path = run.write_samples()?;
+            observer.on_message(&format!("samples: {}", path.display()));
+        }
+        if every(opts.save_every, run.step) && run.step < opts.max_steps {
+            run.save()?;
+            observer.on_message(&format!("checkpoint saved at step {}", run.step));
+        }
+    }
+    if run.step > resumed_from || interrupted || !checkpoint::has_checkpoint(&opts.output) {
+        run.save()?;
+        observer.on_message(&format!("checkpoint saved at step {}", run.step));
+    }
+    log.plot(&opts.output.join("loss.png"))?;
+    let (scaling_factor, vae_dir) = if interrupted {
+        (None, None)
+    } else {
+        let (factor, dir) = run.export()?;
+        (Some(factor), Some(dir))
+    };
+    Ok(TrainVaeSummary {
+        step: run.step,
+        steps_run: run.step - resumed_from,
+        interrupted,
+        images: run.data.len(),
+        skipped_images: run.data.skipped.len(),
+        last_losses,
+        scaling_factor,
+        vae_dir,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Scalar tensors (of one dtype) as f64, read back with one device sync.
+fn scalars(tensors: &[&Tensor]) -> candle_core::Result<Vec<f64>> {
+    Tensor::stack(tensors, 0)?
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()
+}
+
+fn every(period: Option<usize>, step: usize) -> bool {
+    period.is_some_and(|n| n > 0 && step.is_multiple_of(n))
+}
+
+impl<'a> Run<'a> {
+    fn prepare(
+        opts: &'a TrainVaeOptions,
+        observer: &mut dyn TrainObserver,
+    ) -> anyhow::Result<Self> {
+        super::check_training_dtype(opts.dtype, &opts.device)?;
+        let has_checkpoint = checkpoint::has_checkpoint(&opts.output);
+        if has_checkpoint && !opts.resume {
+            anyhow::bail!(
+                "{} already holds a training checkpoint: pass --resume to continue it, or choose another --output",
+                opts.output.display()
+            );
+        }
+        if opts.resume && !has_checkpoint {
+            anyhow::bail!("--resume: no checkpoint in {}", opts.output.display());
+        }
+        let data = ImageFolder::open(&opts.data, opts.resolution)?;
+        for (path, reason) in &data.skipped {
+            observer.on_message(&format!("warning: skipping {}: {reason}", path.display()));
+        }
+        anyhow::ensure!(
+            !data.is_empty(),
+            "no usable images in {}",
+            opts.data.display()
+        );
+        observer.on_message(&format!(
+            "{} images ({} skipped) from {}",
+            data.len(),
+            data.skipped.len(),
+            opts.data.display()
+        ));
+
+        let config_json = opts.architecture.config_json(opts.resolution)?;
+        let config: AutoencoderKLConfig =
+            serde_json::from_value(config_json.clone()).context("invalid VAE configuration")?;
+        config.validate().context("invalid VAE configuration")?;
+        let factor = config.vae_scale_factor();
+        anyhow::ensure!(
+            opts.resolution.is_multiple_of(factor),
+            "--resolution {} is not a multiple of the VAE's downsampling factor {factor}",
+            opts.resolution
+        );
+
+        let varmap = VarMap::new();
+        let builder = super::seeded_var_builder(&varmap, opts.seed, DType::F32, &opts.device);
+        AutoencoderKL::new(builder, &config).context("cannot build the VAE")?;
+        let adamw = AdamWConfig {
+            lr: opts.lr,
+            weight_decay: opts.weight_decay,
+            ..AdamWConfig::default()
+        };
+        let mut optim = AdamW::new(&varmap, adamw)?;
+        let mut ema = opts
+            .ema_decay
+            .map(|decay| Ema::new(&varmap, decay))
+            .transpose()?;
+        let identity = opts.identity(&config_json, data.len());
+        let mut run_state = TrainState {
+            step: 0,
+            epoch: 0,
+            position_in_epoch: 0,
+            rng: TorchGenerator::new(opts.seed).state(),
+            extra: identity.clone(),
+        };
+        if opts.resume {
+            run_state =
+                checkpoint::load_checkpoint(&opts.output, &varmap, &mut optim, ema.as_mut())?;
+            checkpoint::check_same_run(&run_state.extra, &identity, &opts.output)?;
+            observer.on_message(&format!("resuming at step {}", run_state.step));
+        }
+        Ok(Self {
+            opts,
+            data,
+            config,
+            config_json,
+            varmap,
+            optim,
+            ema,
+            generator: TorchGenerator::from_state(&run_state.rng)?,
+            cursor: DataCursor {
+                epoch: run_state.epoch,
+                position_in_epoch: run_state.position_in_epoch,
+            },
+            step: run_state.step,
+            identity,
+        })
+    }
+
+    /// One optimizer update: returns the loss terms, the learning rate and the gradient norm.
+    fn train_step(&mut self) -> anyhow::Result<([f64; 3], f64, f64)> {
+        let opts = self.opts;
+        let (indices, flips) = data::next_batch(
+            &mut self.cursor,
+            self.data.len(),
+            opts.batch_size,
+            opts.seed,
+            opts.flip,
+        )?;
+        let (images, _) = self.data.load_batch(&indices, &flips, &opts.device)?;
+        let vae = self.model()?;
+        let eps = self.latent_noise(indices.len())?;
+        let images = images.to_dtype(opts.dtype)?;
+        let (terms, _) = negative_elbo(&vae, &images, &eps, opts.recon_loss, opts.kl_weight)?;
+        let losses = scalars(&[&terms.reconstruction, &terms.kl, &terms.total])?;
+        let losses = [losses[0], losses[1], losses[2]];
+        if !losses.iter().all(|v| v.is_finite()) {
+            anyhow::bail!(
+                "the loss is not finite at step {} (reconstruction {}, KL {}): try a lower --lr, --max-grad-norm or --dtype f32",
+                self.step + 1,
+                losses[0],
+                losses[1]
+            );
+        }
+        let mut grads = terms.total.backward()?;
+        let max_norm = opts.max_grad_norm.unwrap_or(f64::INFINITY);
+        let grad_norm = optim::clip_grad_norm(&mut grads, &self.varmap, max_norm)?;
+        let lr = optim::warmup_lr(self.step, opts.lr, opts.warmup_steps);
+        self.optim.step(&grads, lr)?;
+        if let Some(ema) = &mut self.ema {
+            ema.update(&self.varmap)?;
+        }
+        self.step += 1;
+        Ok((losses, lr, grad_norm))
+    }
+
+    /// The model computing in the training dtype from the current master weights.
+    fn model(&self) -> candle_core::Result<AutoencoderKL> {
+        let vb = super::compute_var_builder(&self.varmap, self.opts.dtype, &self.opts.device);
+        AutoencoderKL::new(vb, &self.config)
+    }
+
+    /// ε for `batch` images, from the run's generator (drawn on the CPU, as for inference).
+    fn latent_noise(&mut self, batch: usize) -> candle_core::Result<Tensor> {
+        let side = self.opts.resolution / self.config.vae_scale_factor();
+        let shape = (batch, self.config.latent_channels, side, side);
+        let count = batch * self.config.latent_channels * side * side;
+        Tensor::from_vec(self.generator.randn(count), shape, &Device::Cpu)?
+            .to_dtype(self.opts.dtype)?
+            .to_device(&self.opts.device)
+    }
+
+    fn save(&self) -> anyhow::Result<()> {
+        let state = TrainState {
+            step: self.step,
+            epoch: self.cursor.epoch,
+            position_in_epoch: self.cursor.position_in_epoch,
+            rng: self.generator.state(),
+            extra: self.identity.clone(),
+        };
+        checkpoint::save_checkpoint(
+            &self.opts.output,
+            &self.varmap,
+            &self.optim,
+            self.ema.as_ref(),
+            &state,
+        )
+    }
+
+    /// `output/samples/step_NNNNNN.png`: the first images of the data set (top row) above their
+    /// reconstructions from the posterior mean with the current weights (bottom row).
+    fn write_samples(&self) -> anyhow::Result<PathBuf> {
+        let count = self.data.len().min(SAMPLE_IMAGES);
+        let indices: Vec<usize> = (0..count).collect();
+        let (images, _) = self
+            .data
+            .load_batch(&indices, &vec![false; count], &self.opts.device)?;
+        let vae = self.model()?;
+        let images = images.to_dtype(self.opts.dtype)?;
+        let decoded = vae.decode(&vae.encode(&images)?.mode())?.detach();
+        let originals = crate::image_io::decoded_to_images(&images)?;
+        let reconstructions = crate::image_io::decoded_to_images(&decoded)?;
+        let grid = image_grid(&[originals, reconstructions].concat(), count, 2);
+        let dir = self.opts.output.join("samples");
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join(format!("step_{:06}.png", self.step));
+        let note = format!(
+            "ldm train-vae step {}: originals (top), reconstructions (bottom)",
+            self.step
+        );
+        crate::image_io::save_png(&grid, &path, &note, true)?;
+        Ok(path)
+    }
+
+    /// Writes `output/vae/` and returns the measured scaling factor with the folder.
+    fn export(&self) -> anyhow::Result<(f64, PathBuf)> {
+        let weights = match &self.ema {
+            Some(ema) => ema.tensors(),
+            None => super::var_tensors(&self.varmap),
+        };
+        let factor = self.measure_scaling_factor(&weights)?;
+        let mut config = self.config_json.clone();
+        config["scaling_factor"] = json!(factor);
+        let dir = self.opts.output.join("vae");
+        export_vae(&dir, &config, &weights)?;
+        Ok((factor, dir))
+    }
+
+    /// `1 / std` of latents sampled (z = μ + σ·ε, ε from a generator seeded apart from the
+    /// training one) for up to `SCALING_FACTOR_IMAGES` training images, with the exported weights.
+    fn measure_scaling_factor(
+        &self,
+        weights: &std::collections::HashMap<String, Tensor>,
+    ) -> anyhow::Result<f64> {
+        let vb =
+            candle_nn::VarBuilder::from_tensors(weights.clone(), DType::F32, &self.opts.device);
+        let vae = AutoencoderKL::new(vb, &self.config)?;
+        let mut generator = TorchGenerator::new(self.opts.seed.wrapping_add(LATENT_SEED_OFFSET));
+        let count = self.data.len().min(SCALING_FACTOR_IMAGES);
+        let (mut sum, mut sum_sq, mut n) = (0f64, 0f64, 0usize);
+        for chunk in (0..count)
+            .collect::<Vec<_>>()
+            .chunks(self.opts.batch_size.max(1))
+        {
+            let (images, _) =
+                self.data
+                    .load_batch(chunk, &vec![false; chunk.len()], &self.opts.device)?;
+            let posterior = vae.encode(&images)?;
+            let shape = posterior.mean.shape().clone();
+            let eps = Tensor::from_vec(generator.randn(shape.elem_count()), shape, &Device::Cpu)?
+                .to_device(&self.opts.device)?;
+            let z = posterior
+                .sample(&eps)?
+                .to_device(&Device::Cpu)?
+                .to_dtype(DType::F64)?;
+            sum += z.sum_all()?.to_scalar::<f64>()?;
+            sum_sq += z.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            n += z.elem_count();
+        }
+        anyhow::ensure!(n > 1, "too few latents to measure the scaling factor");
+        // Unbiased variance, as torch's `std()`.
+        let variance = (sum_sq - sum * sum / n as f64) / (n - 1) as f64;
+        anyhow::ensure!(
+            variance > 0.0 && variance.is_finite(),
+            "the latents have no spread (variance {variance}); cannot set scaling_factor"
+        );
+        Ok(1.0 / variance.sqrt())
+    }
+}
+
+/// Writes a diffusers `vae/` folder: `config.json` and `diffusion_pytorch_model.safetensors`
+/// (f32), each atomically.
+pub fn export_vae(
+    dir: &Path,
+    config: &Value,
+    weights: &std::collections::HashMap<String, Tensor>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let weights = weights
+        .iter()
+        .map(|(name, t)| {
+            Ok((
+                name.clone(),
+                t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
+            ))
+        })
+        .collect::<candle_core::Result<_>>()?;
+    checkpoint::save_tensors_atomically(
+        &dir.join("diffusion_pytorch_model.safetensors"),
+        &weights,
+    )?;
+    let text = serde_json::to_string_pretty(config)? + "\n";
+    crate::image_io::write_atomically(&dir.join("config.json"), text.as_bytes(), true)
+}
