@@ -393,81 +393,97 @@ pub fn txt2img(args: Txt2ImgArgs) -> anyhow::Result<()> {
 }
 
 pub fn img2img(args: Img2ImgArgs) -> anyhow::Result<()> {
-    let pipeline = args.model.load()?;
-    if let Some(file) = &args.batch.from_file {
-        let (width, height) = pipeline.default_size();
-        let sampling = args.sampling.sampling(width, height, args.strength);
-        let image = args.image.as_deref();
-        return batch(
-            &pipeline,
-            file,
-            &args.batch.run,
-            &args.sampling,
-            &sampling,
-            image,
-            None,
-        );
-    }
-    let path = args.image.as_deref().context("--image is required")?;
-    let image = crate::image_io::load_rgb(path)?;
-    let (width, height) = source_size(&pipeline, &image, &args.sampling);
-    let sampling = args.sampling.sampling(width, height, args.strength);
-    let source = SourceImage {
-        pixels: crate::image_io::source_image_tensor(&image, width, height)?,
+    let source = SourceArgs {
+        image: args.image.as_deref(),
         mask: None,
+        strength: args.strength,
     };
-    run(
-        &pipeline,
-        &sampling,
+    edit(
         &args.prompt,
+        &args.batch,
+        &args.model,
         &args.sampling,
-        Some(source),
         &args.output,
+        &source,
     )
 }
 
 pub fn inpaint(args: InpaintArgs) -> anyhow::Result<()> {
-    let pipeline = args.model.load()?;
-    if let Some(file) = &args.batch.from_file {
+    let source = SourceArgs {
+        image: args.image.as_deref(),
+        mask: args.mask.as_deref(),
+        strength: args.strength,
+    };
+    edit(
+        &args.prompt,
+        &args.batch,
+        &args.model,
+        &args.sampling,
+        &args.output,
+        &source,
+    )
+}
+
+/// What img2img and inpaint start from.
+struct SourceArgs<'a> {
+    image: Option<&'a Path>,
+    mask: Option<&'a Path>,
+    strength: f64,
+}
+
+/// img2img (no mask) and inpaint: one image from the command line, or a prompt file.
+fn edit(
+    prompt: &PromptArgs,
+    batch_args: &BatchArgs,
+    model: &ModelArgs,
+    args: &SamplingArgs,
+    output: &OutputArgs,
+    source: &SourceArgs,
+) -> anyhow::Result<()> {
+    let pipeline = model.load()?;
+    if let Some(file) = &batch_args.from_file {
         let (width, height) = pipeline.default_size();
-        let sampling = args.sampling.sampling(width, height, args.strength);
-        let (image, mask) = (args.image.as_deref(), args.mask.as_deref());
+        let sampling = args.sampling(width, height, source.strength);
         return batch(
             &pipeline,
             file,
-            &args.batch.run,
-            &args.sampling,
+            &batch_args.run,
+            args,
             &sampling,
-            image,
-            mask,
+            source.image,
+            source.mask,
         );
     }
-    let image_path = args.image.as_deref().context("--image is required")?;
-    let mask_path = args.mask.as_deref().context("--mask is required")?;
-    let image = crate::image_io::load_rgb(image_path)?;
-    let mask = crate::image_io::load_rgb(mask_path)?;
-    if mask.dimensions() != image.dimensions() {
-        eprintln!(
-            "note: the mask is {}x{} and the image {}x{}; the mask is resized to the image",
-            mask.width(),
-            mask.height(),
-            image.width(),
-            image.height()
-        );
-    }
-    let (width, height) = source_size(&pipeline, &image, &args.sampling);
-    let sampling = args.sampling.sampling(width, height, args.strength);
-    let source = SourceImage {
-        pixels: crate::image_io::source_image_tensor(&image, width, height)?,
-        mask: Some(crate::image_io::mask_tensor(&mask, width, height)?),
+    let image = crate::image_io::load_rgb(source.image.context("--image is required")?)?;
+    let (width, height) = source_size(&pipeline, &image, args);
+    let mask = match source.mask {
+        Some(path) => {
+            let mask = crate::image_io::load_rgb(path)?;
+            if mask.dimensions() != image.dimensions() {
+                eprintln!(
+                    "note: the mask is {}x{} and the image {}x{}; the mask is resized to the image",
+                    mask.width(),
+                    mask.height(),
+                    image.width(),
+                    image.height()
+                );
+            }
+            Some(crate::image_io::mask_tensor(&mask, width, height)?)
+        }
+        None => None,
     };
+    let source_image = SourceImage {
+        pixels: crate::image_io::source_image_tensor(&image, width, height)?,
+        mask,
+    };
+    let sampling = args.sampling(width, height, source.strength);
     run(
         &pipeline,
         &sampling,
-        &args.prompt,
-        &args.sampling,
-        Some(source),
-        &args.output,
+        prompt,
+        args,
+        Some(source_image),
+        output,
     )
 }
 
