@@ -626,3 +626,65 @@ fn cli_trains_exports_and_explains_a_missing_tokenizer() {
     let grid = image::open(out.join("samples/step-000002.png")).unwrap();
     assert_eq!((grid.width(), grid.height()), (2 * RESOLUTION, RESOLUTION));
 }
+
+#[test]
+fn optimizer_and_ema_state_keep_no_autograd_graph() {
+    // candle does not detach the gradients of variables: a conv kernel fed a tracked input
+    // gets a gradient referencing the step's forward graph. Optimizer or EMA state built from
+    // it would keep every step's graph alive (memory growing each step).
+    use candle_core::Module;
+    let varmap = VarMap::new();
+    let vb = ldm::training::seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu);
+    let first = candle_nn::conv2d(4, 8, 3, Default::default(), vb.pp("first")).unwrap();
+    let second = candle_nn::conv2d(8, 8, 3, Default::default(), vb.pp("second")).unwrap();
+    let mut optim = ldm::training::optim::AdamW::new(&varmap, AdamWConfig::default()).unwrap();
+    let mut ema = ldm::training::optim::Ema::new(&varmap, 0.9).unwrap();
+    let x = randn(&[1, 4, 9, 9], 1);
+    let y = second.forward(&first.forward(&x).unwrap()).unwrap();
+    let grads = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+    let kernel_grad = grads.get(second.weight()).unwrap();
+    assert!(
+        kernel_grad.track_op(),
+        "the hazard this test guards against"
+    );
+    optim.step(&grads, 1e-3).unwrap();
+    ema.update(&varmap).unwrap();
+    let tracked: Vec<String> = optim
+        .state_tensors()
+        .into_iter()
+        .chain(ema.tensors())
+        .filter(|(_, t)| t.track_op())
+        .map(|(name, _)| name)
+        .collect();
+    assert!(tracked.is_empty(), "state holding a graph: {tracked:?}");
+}
+
+#[test]
+fn a_pretrained_text_encoder_stays_frozen_and_is_copied() {
+    let temp = tempfile::tempdir().unwrap();
+    let (data, out) = (temp.path().join("data"), temp.path().join("out"));
+    shapes_data_set(&data);
+    let options = TrainUNetOptions {
+        text_encoder: TextEncoderSetup::Pretrained(fixture("tiny-sd1")),
+        max_steps: 3,
+        ..tiny_options(&data, &out)
+    };
+    let summary = unet::train(&options, &mut Silent).unwrap();
+    assert_eq!(summary.step, 3);
+    assert!(summary.losses.iter().all(|(_, l)| l.is_finite()));
+    let ema = load(&out.join("checkpoint/ema.safetensors"));
+    assert!(
+        ema.keys().all(|name| name.starts_with("unet.")),
+        "only the U-Net is trained"
+    );
+    let file = "text_encoder/model.safetensors";
+    let copied = std::fs::read(out.join(file)).unwrap();
+    assert!(copied == std::fs::read(fixture(&format!("tiny-sd1/{file}"))).unwrap());
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("unet/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        config["cross_attention_dim"], 32,
+        "the text encoder's width"
+    );
+}

@@ -269,6 +269,26 @@ pub fn epoch_flips(len: usize, seed: u64, epoch: usize) -> Vec<bool> {
     (0..len).map(|_| rng.next_u64() >> 63 == 1).collect()
 }
 
+/// A `size`×`size` window of each image of `[B, C, H, W]` `images`, each at a random position.
+pub fn random_crops(images: &Tensor, size: usize, rng: &mut SplitMix64) -> anyhow::Result<Tensor> {
+    let (batch, _, height, width) = images.dims4()?;
+    anyhow::ensure!(
+        size > 0 && size <= height.min(width),
+        "the crop size ({size}) must be between 1 and the training resolution ({})",
+        height.min(width)
+    );
+    let crops = (0..batch)
+        .map(|i| {
+            let (top, left) = (rng.below(height - size + 1), rng.below(width - size + 1));
+            images
+                .narrow(0, i, 1)?
+                .narrow(2, top, size)?
+                .narrow(3, left, size)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&crops, 0)?)
+}
+
 /// Where a run is in its data: the epoch, and how many images of it were consumed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DataCursor {
@@ -308,6 +328,27 @@ pub fn next_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn random_crops_are_windows_of_their_own_image() {
+        let images = Tensor::arange(0f32, 2.0 * 36.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 1, 6, 6))
+            .unwrap();
+        let crops = random_crops(&images, 4, &mut SplitMix64::new(3)).unwrap();
+        assert_eq!(crops.dims(), &[2, 1, 4, 4]);
+        for i in 0..2 {
+            let crop: Vec<Vec<f32>> = crops.get(i).unwrap().get(0).unwrap().to_vec2().unwrap();
+            let (top, left) = ((crop[0][0] as usize % 36) / 6, crop[0][0] as usize % 6);
+            assert_eq!(crop[0][0] as usize / 36, i, "crop {i} comes from image {i}");
+            for (y, row) in crop.iter().enumerate() {
+                for (x, &v) in row.iter().enumerate() {
+                    assert_eq!(v as usize, i * 36 + (top + y) * 6 + left + x);
+                }
+            }
+        }
+        assert!(random_crops(&images, 7, &mut SplitMix64::new(3)).is_err());
+    }
 
     #[test]
     fn resize_keeps_aspect_and_crops_the_centre() {

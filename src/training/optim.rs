@@ -89,7 +89,10 @@ impl AdamW {
             let Some(grad) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let grad = grad.to_dtype(internal_dtype(var.dtype()))?;
+            // Detached: candle's backward does not detach the gradients of variables, and a
+            // weight fed straight into an op (a conv kernel) gets one that references the
+            // step's forward graph; the moments would chain those graphs from step to step.
+            let grad = grad.to_dtype(internal_dtype(var.dtype()))?.detach();
             let moments = match self.moments.remove(name) {
                 Some(m) => m,
                 None => Moments {

@@ -25,13 +25,12 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use image::{Rgb, RgbImage};
 use serde_json::{json, Value};
 
 use super::checkpoint::{self, TrainState};
 use super::data::{self, DataCursor, ImageFolder};
 use super::export::{self, PipelineExport, TextEncoderExport};
-use super::metrics::{LossLog, StepReport, TrainObserver};
+use super::metrics::{self, LossLog, StepReport, TrainObserver};
 use super::optim::{self, AdamW, AdamWConfig, Ema};
 use super::SplitMix64;
 use crate::model_source::PipelineFolder;
@@ -559,7 +558,7 @@ impl<'a> Trainer<'a> {
         });
         let state = if cfg.resume {
             let state = checkpoint::load_checkpoint(out, &varmap, &mut optim, Some(&mut ema))?;
-            check_same_run(&state.extra, &identity, out)?;
+            checkpoint::check_same_run(&state.extra, &identity, out)?;
             observer.on_message(&format!("resuming from step {}", state.step));
             state
         } else {
@@ -820,7 +819,9 @@ impl<'a> Trainer<'a> {
             self.cfg.seed,
             self.sample_prompts.join(" | ")
         );
-        crate::image_io::save_png(&image_grid(&generated.images), &path, &description, true)?;
+        let columns = (generated.images.len() as f64).sqrt().ceil() as usize;
+        let grid = metrics::image_grid(&generated.images, columns, 0);
+        crate::image_io::save_png(&grid, &path, &description, true)?;
         self.sampled_at = Some(self.step);
         observer.on_message(&format!(
             "step {}: samples in {}",
@@ -963,20 +964,6 @@ fn load_frozen(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<Var
         .with_context(|| format!("cannot read weights file {}", path.display()))
 }
 
-/// A resumed run must train the same model on the same data the same way.
-fn check_same_run(saved: &Value, current: &Value, out: &Path) -> anyhow::Result<()> {
-    let current = current.as_object().expect("built as an object");
-    for (key, value) in current {
-        let before = saved.get(key).unwrap_or(&Value::Null);
-        ensure!(
-            before == value,
-            "cannot resume the run in {}: its {key} was {before}, now {value}; resume with the same settings and data",
-            out.display()
-        );
-    }
-    Ok(())
-}
-
 /// The tensors named `<prefix>.<rest>`, renamed `<rest>`.
 fn strip_prefix(tensors: &HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
     let prefix = format!("{prefix}.");
@@ -998,27 +985,6 @@ fn default_sample_prompts(captions: &[String]) -> Vec<String> {
         }
     }
     prompts
-}
-
-/// Equally sized images in a near-square grid, row by row.
-fn image_grid(images: &[RgbImage]) -> RgbImage {
-    let Some(first) = images.first() else {
-        return RgbImage::new(1, 1);
-    };
-    let (width, height) = first.dimensions();
-    let columns = (images.len() as f64).sqrt().ceil() as u32;
-    let rows = (images.len() as u32).div_ceil(columns);
-    let mut grid = RgbImage::from_pixel(columns * width, rows * height, Rgb([255, 255, 255]));
-    for (i, image) in images.iter().enumerate() {
-        let (column, row) = (i as u32 % columns, i as u32 / columns);
-        image::imageops::replace(
-            &mut grid,
-            image,
-            (column * width) as i64,
-            (row * height) as i64,
-        );
-    }
-    grid
 }
 
 #[cfg(test)]
@@ -1063,14 +1029,5 @@ mod tests {
         );
         assert_eq!(config.cross_attention_dim, PerBlock::Shared(48));
         config.validate().unwrap();
-    }
-
-    #[test]
-    fn grid_is_near_square() {
-        let images = vec![RgbImage::from_pixel(4, 3, Rgb([1, 2, 3])); 5];
-        let grid = image_grid(&images);
-        assert_eq!(grid.dimensions(), (12, 6));
-        assert_eq!(grid.get_pixel(11, 5).0, [255, 255, 255]);
-        assert_eq!(grid.get_pixel(5, 4).0, [1, 2, 3]);
     }
 }

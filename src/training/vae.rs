@@ -30,6 +30,7 @@ use super::checkpoint::{self, TrainState};
 use super::data::{self, DataCursor, ImageFolder};
 use super::metrics::{image_grid, LossLog, StepReport, TrainObserver};
 use super::optim::{self, AdamW, AdamWConfig, Ema};
+use super::SplitMix64;
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::rng::TorchGenerator;
 
@@ -100,6 +101,9 @@ pub struct TrainVaeOptions {
     pub resolution: usize,
     /// Mirror each image with probability ½ (fixed per seed and epoch).
     pub flip: bool,
+    /// Train on random `crop`×`crop` windows of the images (the VAE is convolutional: windows
+    /// teach it the full-resolution detail at a fraction of the cost).
+    pub crop: Option<usize>,
     pub recon_loss: ReconLoss,
     pub kl_weight: f64,
     pub lr: f64,
@@ -133,6 +137,7 @@ impl TrainVaeOptions {
             },
             resolution: 64,
             flip: false,
+            crop: None,
             recon_loss: ReconLoss::L1,
             kl_weight: 1e-6,
             lr: 1e-4,
@@ -159,6 +164,7 @@ impl TrainVaeOptions {
             "batch_size": self.batch_size,
             "resolution": self.resolution,
             "flip": self.flip,
+            "crop": self.crop,
             "images": images,
             "ema": self.ema_decay.is_some(),
         })
@@ -349,6 +355,14 @@ impl<'a> Run<'a> {
             "--resolution {} is not a multiple of the VAE's downsampling factor {factor}",
             opts.resolution
         );
+        if let Some(crop) = opts.crop {
+            anyhow::ensure!(
+                crop <= opts.resolution && crop.is_multiple_of(factor) && crop > 0,
+                "--crop {crop} must be a positive multiple of the VAE's downsampling factor \
+                 {factor} and at most --resolution {}",
+                opts.resolution
+            );
+        }
 
         let varmap = VarMap::new();
         let builder = super::seeded_var_builder(&varmap, opts.seed, DType::F32, &opts.device);
@@ -406,6 +420,17 @@ impl<'a> Run<'a> {
             opts.flip,
         )?;
         let (images, _) = self.data.load_batch(&indices, &flips, &opts.device)?;
+        let images = match opts.crop {
+            Some(size) => {
+                let stream = format!("crops at step {}", self.step);
+                data::random_crops(
+                    &images,
+                    size,
+                    &mut SplitMix64::for_stream(opts.seed, &stream),
+                )?
+            }
+            None => images,
+        };
         let vae = self.model()?;
         let eps = self.latent_noise(indices.len())?;
         let images = images.to_dtype(opts.dtype)?;
@@ -440,7 +465,8 @@ impl<'a> Run<'a> {
 
     /// ε for `batch` images, from the run's generator (drawn on the CPU, as for inference).
     fn latent_noise(&mut self, batch: usize) -> candle_core::Result<Tensor> {
-        let side = self.opts.resolution / self.config.vae_scale_factor();
+        let trained_size = self.opts.crop.unwrap_or(self.opts.resolution);
+        let side = trained_size / self.config.vae_scale_factor();
         let shape = (batch, self.config.latent_channels, side, side);
         let count = batch * self.config.latent_channels * side * side;
         Tensor::from_vec(self.generator.randn(count), shape, &Device::Cpu)?
