@@ -491,3 +491,43 @@ fn cli_trains_a_vae() {
     assert_eq!(cfg.block_out_channels, [8, 16]);
     assert_eq!(cfg.latent_channels, 2);
 }
+
+/// Ctrl-C (SIGINT) saves a checkpoint and exits non-zero, so a script chaining stages stops
+/// instead of going on with an unfinished VAE; `--crop` trains on windows.
+#[cfg(unix)]
+#[test]
+fn cli_ctrl_c_saves_and_fails() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    make_shapes(&data, 4, 16);
+    let out = root.path().join("out");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ldm"))
+        .args(["train-vae", "--data"])
+        .arg(&data)
+        .arg("--output")
+        .arg(&out)
+        .args(["--block-out-channels", "8,16", "--norm-num-groups", "4"])
+        .args(["--resolution", "16", "--crop", "8", "--batch-size", "2"])
+        .args(["--max-steps", "1000000", "--device", "cpu", "--quiet"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let losses = out.join("losses.csv");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::fs::read_to_string(&losses).map_or(0, |s| s.lines().count()) < 3 {
+        assert!(std::time::Instant::now() < deadline, "no training steps");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // SAFETY: signals our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "an interrupted run is not a success"
+    );
+    assert!(stderr.contains("continue with --resume"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.join("checkpoint").is_dir());
+}

@@ -193,7 +193,8 @@ pub fn train_vae(args: TrainVaeArgs) -> anyhow::Result<()> {
         (Some(dir), Some(factor)) => {
             println!("saved {} (scaling_factor {factor:.5})", dir.display())
         }
-        _ => println!(
+        // Not a success: a script chaining stages must not go on with an unfinished VAE.
+        _ => anyhow::bail!(
             "interrupted: checkpoint saved in {}; continue with --resume",
             args.output.display()
         ),
@@ -482,7 +483,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         summary.step, summary.steps_run, summary.seconds
     );
     if summary.interrupted {
-        println!(
+        anyhow::bail!(
             "interrupted: checkpoint and pipeline (EMA weights) saved in {}; continue with --resume",
             args.output.display()
         );

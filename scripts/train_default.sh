@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The recipe of the embedded default model in weights/: data, tokenizer, VAE, U-Net + text encoder.
+#
+#   scripts/train_default.sh [WORK_DIR] [--install]
+#
+# WORK_DIR (default: ../ldm-default-work) receives data/ (the emoji data set), tokenizer/, vae/
+# (`ldm train-vae` output) and pipeline/ (`ldm train` output). Every stage is skipped when its
+# result is there, and an interrupted training stage resumes from its checkpoint (Ctrl-C saves
+# one), so re-running the script continues where it stopped. --install copies the finished
+# pipeline (model_index.json, scheduler/, text_encoder/, tokenizer/, unet/, vae/) into weights/.
+#
+# Needs: npm (the data packages), Python 3.11 with Pillow, regex and transformers, and
+# open_clip_torch==3.3.0 installed with --no-deps (only its BPE vocabulary file); $PYTHON picks
+# the interpreter. Runs on the CPU unless ldm was built with a GPU feature; time on the 2-core
+# CPU machine is in weights/README.md.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+work="$repo/../ldm-default-work"
+install=0
+for arg in "$@"; do
+    case "$arg" in
+        --install) install=1 ;;
+        -*) echo "unknown option $arg" >&2; exit 2 ;;
+        *) work="$arg" ;;
+    esac
+done
+python="${PYTHON:-python3}"
+mkdir -p "$work"
+work="$(cd "$work" && pwd)"
+
+cargo build --release --manifest-path "$repo/Cargo.toml"
+ldm="$repo/target/release/ldm"
+
+# A stage's output folder with a checkpoint is resumed; a finished one is left alone.
+resume_flag() {
+    if [[ -d "$1/checkpoint" ]]; then echo --resume; fi
+}
+
+if [[ ! -f "$work/data/train/metadata.jsonl" ]]; then
+    "$python" "$repo/scripts/make_emoji_dataset.py" "$work/data" --size 64
+fi
+if [[ ! -f "$work/tokenizer/vocab.json" ]]; then
+    "$python" "$repo/scripts/make_default_tokenizer.py" "$work/data" "$work/tokenizer"
+fi
+
+# VAE: factor 4 (64 px images -> 16x16x4 latents), trained on random 32 px windows.
+vae_steps=1000
+if [[ ! -f "$work/vae/.done" ]]; then
+    "$ldm" train-vae --data "$work/data/train" --output "$work/vae" $(resume_flag "$work/vae") \
+        --block-out-channels 32,64,64 --layers-per-block 1 --latent-channels 4 \
+        --norm-num-groups 32 --resolution 64 --crop 32 --flip --batch-size 16 \
+        --lr 5e-4 --warmup-steps 100 --max-steps "$vae_steps" --ema-decay 0.999 \
+        --save-every 250 --sample-every 500 --seed 0
+    touch "$work/vae/.done"
+fi
+
+# U-Net and a new CLIP text encoder (real CLIP tokenizer, trimmed vocabulary), trained jointly.
+# No --flip: captions such as "facing right" would be wrong for mirrored images.
+unet_steps="${UNET_STEPS:-4000}"
+if [[ ! -f "$work/pipeline/.done" ]]; then
+    "$ldm" train --data "$work/data/train" --vae "$work/vae" --tokenizer "$work/tokenizer" \
+        --output "$work/pipeline" $(resume_flag "$work/pipeline") \
+        --train-text-encoder --text-hidden-size 128 --text-layers 2 --text-heads 4 \
+        --text-intermediate-size 512 \
+        --unet-channels 32,64,128 --unet-layers-per-block 1 --unet-attention-heads 4 \
+        --unet-norm-groups 16 --batch-size 32 --lr 5e-4 --warmup-steps 100 --ema-decay 0.995 \
+        --uncond-prob 0.1 --max-steps "$unet_steps" --save-every 250 --sample-every 250 \
+        --sample-prompts "a black cat, twemoji style|a red apple, noto style|a grinning face, twemoji style|the flag of Japan, noto style" \
+        --save-dtype f16 --seed 0
+    touch "$work/pipeline/.done"
+fi
+
+if [[ "$install" == 1 ]]; then
+    for part in model_index.json scheduler text_encoder tokenizer unet vae; do
+        rm -rf "$repo/weights/$part"
+        cp -r "$work/pipeline/$part" "$repo/weights/$part"
+    done
+    echo "installed $work/pipeline into $repo/weights"
+fi
