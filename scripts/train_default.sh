@@ -57,7 +57,7 @@ fi
 
 # U-Net and a new CLIP text encoder (real CLIP tokenizer, trimmed vocabulary), trained jointly.
 # No --flip: captions such as "facing right" would be wrong for mirrored images.
-unet_steps="${UNET_STEPS:-4000}"
+unet_steps="${UNET_STEPS:-1306}"
 if [[ ! -f "$work/pipeline/.done" ]]; then
     "$ldm" train --data "$work/data/train" --vae "$work/vae" --tokenizer "$work/tokenizer" \
         --output "$work/pipeline" $(resume_flag "$work/pipeline") \
