@@ -127,6 +127,9 @@ def read_metadata(data: Path, split: str) -> list[dict]:
     for r in rows:
         r["split"] = split
         r["path"] = str(data / split / r["file_name"])
+        # "text" may list alternative captions; the first (with the style) is the prompt.
+        if isinstance(r["text"], list):
+            r["text"] = r["text"][0]
     return rows
 
 

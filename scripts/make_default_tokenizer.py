@@ -32,7 +32,10 @@ def captions(data_dir):
     texts = []
     for split in ("train", "heldout"):
         with open(data_dir / split / "metadata.jsonl", encoding="utf-8") as f:
-            texts += [json.loads(line)["text"] for line in f if line.strip()]
+            for line in f:
+                if line.strip():
+                    text = json.loads(line)["text"]  # a caption or a list of alternatives
+                    texts += text if isinstance(text, list) else [text]
     return texts
 
 

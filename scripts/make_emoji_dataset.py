@@ -25,7 +25,11 @@ Output (Hugging Face `imagefolder` layout):
   OUT_DIR/heldout/*.png + metadata.jsonl
   OUT_DIR/README.md, OUT_DIR/LICENSES/, OUT_DIR/preview.png (contact sheet)
 Each metadata line: {"file_name", "text", "category", "subcategory", "style",
-"name", "unified"}.  Images are RGB, alpha-composited on a WHITE background at
+"name", "unified"}; "text" lists two alternative captions, the name with its
+style ("a black cat, twemoji style") and the bare name ("a black cat"): the
+trainer picks one at random each time (as diffusers' train_text_to_image.py
+does with a list), so a prompt without a style is on the training
+distribution too.  Images are RGB, alpha-composited on a WHITE background at
 the source resolution (64 px) and then, for --size 32, resized with Lanczos.
 File names are "<unified code, lower case>-<style>.png".
 
@@ -737,7 +741,7 @@ def main() -> None:
                 preview_pick[x["unified"]][style] = img
             rows[split].append({
                 "file_name": fname,
-                "text": f"{x['text']}, {style} style",
+                "text": [f"{x['text']}, {style} style", x["text"]],
                 "category": x["category"],
                 "subcategory": x["subcategory"],
                 "style": style,
@@ -817,8 +821,8 @@ def main() -> None:
     }
     for pkg in pkgs:
         pkg_rows.append(f"| `{pkg[0]}` | {pkg[1]} | {lic_of[pkg]} | `{sha256_file(tgz[pkg])}` |")
-    examples = [r["text"] for r in rows["train"][:: max(1, len(rows["train"]) // 12)]][:12]
-    held_examples = [r["text"] for r in rows["heldout"][:: max(1, len(rows["heldout"]) // 6)]][:6]
+    examples = [r["text"][0] for r in rows["train"][:: max(1, len(rows["train"]) // 12)]][:12]
+    held_examples = [r["text"][0] for r in rows["heldout"][:: max(1, len(rows["heldout"]) // 6)]][:6]
     cmd = "python3 scripts/make_emoji_dataset.py OUT_DIR --size %d%s%s" % (
         args.size, " --flags all" if args.flags == "all" else "",
         " --fluent" if args.fluent else "")
@@ -831,7 +835,7 @@ Made by `scripts/make_emoji_dataset.py` of ldm:
 
 Layout: Hugging Face `imagefolder`. `train/` and `heldout/` each hold RGB PNGs
 ({args.size}x{args.size}, composited on white at the 64 px source size{resized}) and `metadata.jsonl` with one JSON object per image:
-`file_name`, `text` (the caption), `category`, `subcategory`, `style`
+`file_name`, `text` (two alternative captions: with the style, and the bare name), `category`, `subcategory`, `style`
 ({", ".join(styles)}), `name` (official CLDR name) and `unified` (code points).
 `preview.png` is a contact sheet (every 37th name; one row per style).
 

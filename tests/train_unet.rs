@@ -360,7 +360,7 @@ fn fresh_models(seed: u64) -> (VarMap, UNet2DConditionModel, ClipTextModel, Prom
 }
 
 fn sd_schedule(prediction: PredictionTarget) -> NoiseSchedule {
-    let json = export::ddim_scheduler_config(prediction.diffusers_name());
+    let json = export::ddim_scheduler_config(prediction.diffusers_name(), false);
     NoiseSchedule::new(&serde_json::from_value::<SchedulerConfig>(json).unwrap())
 }
 
@@ -481,7 +481,7 @@ fn half_precision_export_halves_the_weights_and_still_loads() {
     };
     let (unet_weights, text_weights) = (part("unet."), part("text_encoder."));
     let text_config = text_sizes().config(&tokenizer);
-    let scheduler = export::ddim_scheduler_config("epsilon");
+    let scheduler = export::ddim_scheduler_config("epsilon", false);
     let temp = tempfile::tempdir().unwrap();
     let sizes: Vec<u64> = [DType::F32, DType::F16]
         .into_iter()
@@ -591,9 +591,16 @@ fn cli_trains_exports_and_explains_a_missing_tokenizer() {
         .failure();
     let stderr = String::from_utf8_lossy(&failure.get_output().stderr).into_owned();
     assert!(stderr.contains("--tokenizer"), "{stderr}");
+    let failure = train(&fixture("tiny-sd1"))
+        .args(["--max-steps", "1", "--zero-terminal-snr"])
+        .assert()
+        .failure();
+    let stderr = String::from_utf8_lossy(&failure.get_output().stderr).into_owned();
+    assert!(stderr.contains("v_prediction"), "{stderr}");
 
     // A pipeline folder as --vae brings its vae/ and tokenizer/.
     let success = train(&fixture("tiny-sd1"))
+        .args(["--prediction-type", "v_prediction", "--zero-terminal-snr"])
         .args([
             "--max-steps",
             "2",
@@ -623,6 +630,13 @@ fn cli_trains_exports_and_explains_a_missing_tokenizer() {
     }
     let unet = load(&out.join("unet/diffusion_pytorch_model.safetensors"));
     assert!(unet.values().all(|t| t.dtype() == DType::F16));
+    let scheduler: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.join("scheduler/scheduler_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(scheduler["prediction_type"], "v_prediction");
+    assert_eq!(scheduler["rescale_betas_zero_snr"], true);
+    assert_eq!(scheduler["timestep_spacing"], "trailing");
     let grid = image::open(out.join("samples/step-000002.png")).unwrap();
     assert_eq!((grid.width(), grid.height()), (2 * RESOLUTION, RESOLUTION));
 }

@@ -392,11 +392,12 @@ fn image_folder_reads_captions_and_skips_what_it_cannot_use() {
     std::fs::create_dir(root.join("sub")).unwrap();
     half_transparent.save(root.join("sub/e.png")).unwrap();
     let metadata = [
-        r#"{"file_name": "a.png", "text": "a red rectangle"}"#,
+        r#"{"file_name": "a.png", "text": ["a red rectangle", "a rectangle"]}"#,
         r#"{"file_name": "b.png", "text": "broken"}"#,
         r#"{"file_name": "sub/e.png", "text": "green on the right"}"#,
         r#"{"file_name": "gone.png", "text": "missing"}"#,
         r#"{"file_name": "x.png""#,
+        r#"{"file_name": "c.png", "text": []}"#,
     ];
     std::fs::write(root.join("metadata.jsonl"), metadata.join("\n")).unwrap();
 
@@ -411,7 +412,7 @@ fn image_folder_reads_captions_and_skips_what_it_cannot_use() {
                 .unwrap()
                 .to_string_lossy()
                 .into_owned();
-            (rel, i.caption.as_str())
+            (rel, i.caption())
         })
         .collect();
     assert_eq!(
@@ -432,7 +433,7 @@ fn image_folder_reads_captions_and_skips_what_it_cannot_use() {
             )
         })
         .collect();
-    assert_eq!(skipped.len(), 4, "{skipped:?}");
+    assert_eq!(skipped.len(), 5, "{skipped:?}");
     let reason_of = |name: &str| {
         skipped
             .iter()
@@ -447,7 +448,21 @@ fn image_folder_reads_captions_and_skips_what_it_cannot_use() {
     );
     assert!(reason_of("d.png").contains("no caption"));
     assert!(reason_of("gone.png").contains("missing"));
-    assert!(reason_of("metadata.jsonl").starts_with("line 5"));
+    let metadata_reasons: Vec<&str> = skipped
+        .iter()
+        .filter(|(n, _)| n == "metadata.jsonl")
+        .map(|(_, reason)| *reason)
+        .collect();
+    assert!(
+        metadata_reasons[0].starts_with("line 5"),
+        "{metadata_reasons:?}"
+    );
+    assert_eq!(metadata_reasons[1], "line 6: an empty caption list");
+    assert_eq!(
+        folder.items[0].captions,
+        ["a red rectangle", "a rectangle"],
+        "every alternative is kept"
+    );
 
     let (batch, captions) = folder.load_batch(&[2, 0], &[true, false], &CPU).unwrap();
     assert_eq!(batch.dims(), [2, 3, 2, 2]);

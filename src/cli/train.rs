@@ -284,6 +284,12 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value_t = PredictionTarget::Epsilon)]
     pub prediction_type: PredictionTarget,
 
+    /// Rescale the noise schedule to zero terminal SNR and sample with "trailing" timesteps
+    /// (written into the exported scheduler config; needs --prediction-type v_prediction), so
+    /// sampling starts from the pure noise the model was trained on.
+    #[arg(long)]
+    pub zero_terminal_snr: bool,
+
     /// Training size (resize the shorter side, center-crop). Default: the VAE's sample_size.
     #[arg(long, value_name = "PX")]
     pub resolution: Option<usize>,
@@ -416,6 +422,7 @@ impl TrainArgs {
             text_encoder,
             unet,
             prediction: self.prediction_type,
+            zero_terminal_snr: self.zero_terminal_snr,
             resolution: self.resolution,
             batch_size: self.batch_size,
             max_steps: self.max_steps,

@@ -1,7 +1,8 @@
 //! A folder of captioned training images, in the Hugging Face `imagefolder` convention.
 //!
 //! Captions come from `DIR/metadata.jsonl` (one JSON object per line with `file_name`, relative
-//! to DIR, and `text`) or, for images it does not list, from a `.txt` file beside the image with
+//! to DIR, and `text`: a caption, or a list of alternative captions of which training picks one
+//! at random each time, as diffusers' `train_text_to_image.py` does) or, for images it does not list, from a `.txt` file beside the image with
 //! the same stem. Images are found recursively (png, jpg, jpeg, webp). Anything unusable — an
 //! image that does not decode, an image without a caption, a bad metadata line — is recorded in
 //! `skipped` with its path and reason and left out; it never stops training.
@@ -24,7 +25,15 @@ const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 #[derive(Debug, Clone, PartialEq)]
 pub struct CaptionedImage {
     pub path: PathBuf,
-    pub caption: String,
+    /// One or more alternative captions (never empty).
+    pub captions: Vec<String>,
+}
+
+impl CaptionedImage {
+    /// The first caption: the one used where a single fixed caption is needed.
+    pub fn caption(&self) -> &str {
+        &self.captions[0]
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -39,7 +48,14 @@ pub struct ImageFolder {
 #[derive(Deserialize)]
 struct MetadataLine {
     file_name: String,
-    text: String,
+    text: MetadataText,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum MetadataText {
+    One(String),
+    Alternatives(Vec<String>),
 }
 
 impl ImageFolder {
@@ -56,13 +72,13 @@ impl ImageFolder {
         let metadata = read_metadata(dir, &mut skipped)?;
         let mut items = Vec::new();
         for path in image_files(dir)? {
-            let caption = match metadata.get(&path) {
-                Some(text) => Some(text.clone()),
-                None => read_sidecar_caption(&path, &mut skipped),
+            let captions = match metadata.get(&path) {
+                Some(texts) => Some(texts.clone()),
+                None => read_sidecar_caption(&path, &mut skipped).map(|c| vec![c]),
             };
-            let Some(caption) = caption else { continue };
+            let Some(captions) = captions else { continue };
             match load_rgb_on_white(&path) {
-                Ok(_) => items.push(CaptionedImage { path, caption }),
+                Ok(_) => items.push(CaptionedImage { path, captions }),
                 Err(e) => skipped.push((path, format!("{e:#}"))),
             }
         }
@@ -93,7 +109,7 @@ impl ImageFolder {
         self.resolution
     }
 
-    /// Items `indices` as `[B, 3, R, R]` f32 in [-1, 1] on `device`, with their captions;
+    /// Items `indices` as `[B, 3, R, R]` f32 in [-1, 1] on `device`, with their first captions;
     /// `flip[i]` mirrors item `i` horizontally.
     pub fn load_batch(
         &self,
@@ -119,7 +135,7 @@ impl ImageFolder {
                 image::imageops::flip_horizontal_in_place(&mut image);
             }
             values.extend(channels_first_unit_range(&image));
-            captions.push(item.caption.clone());
+            captions.push(item.caption().to_string());
         }
         let batch = Tensor::from_vec(values, (indices.len(), 3, r, r), &Device::Cpu)?;
         Ok((batch.to_device(device)?, captions))
@@ -134,11 +150,12 @@ impl ImageFolder {
     }
 }
 
-/// `metadata.jsonl` as image path → caption; malformed lines are recorded in `skipped`.
+/// `metadata.jsonl` as image path → captions; malformed lines (an empty caption list included)
+/// are recorded in `skipped`.
 fn read_metadata(
     dir: &Path,
     skipped: &mut Vec<(PathBuf, String)>,
-) -> anyhow::Result<HashMap<PathBuf, String>> {
+) -> anyhow::Result<HashMap<PathBuf, Vec<String>>> {
     let path = dir.join(METADATA_FILE);
     if !path.exists() {
         return Ok(HashMap::new());
@@ -150,11 +167,20 @@ fn read_metadata(
         if line.trim().is_empty() {
             continue;
         }
+        let line_error = |why: String| (path.clone(), format!("line {}: {why}", number + 1));
         match serde_json::from_str::<MetadataLine>(line) {
+            Ok(MetadataLine {
+                text: MetadataText::Alternatives(texts),
+                ..
+            }) if texts.is_empty() => skipped.push(line_error("an empty caption list".into())),
             Ok(entry) => {
-                captions.insert(dir.join(entry.file_name), entry.text);
+                let texts = match entry.text {
+                    MetadataText::One(text) => vec![text],
+                    MetadataText::Alternatives(texts) => texts,
+                };
+                captions.insert(dir.join(entry.file_name), texts);
             }
-            Err(e) => skipped.push((path.clone(), format!("line {}: {e}", number + 1))),
+            Err(e) => skipped.push(line_error(e.to_string())),
         }
     }
     Ok(captions)

@@ -52,7 +52,13 @@ pub const SD_BETA_END: f64 = 0.012;
 /// ("epsilon" or "v_prediction"): DDIM as the SD pipelines configure it (`steps_offset` 1, no
 /// sample clipping, ᾱ before the first step taken as ᾱ₀). Training reads its noise schedule
 /// from this same value, so the exported sampler and the training schedule cannot disagree.
-pub fn ddim_scheduler_config(prediction_type: &str) -> Value {
+///
+/// `zero_terminal_snr` rescales the betas so that the last timestep is pure noise and samples
+/// from it ("trailing" spacing), as Lin et al. 2023 ("Common Diffusion Noise Schedules and
+/// Sample Steps are Flawed") and diffusers recommend: SD's schedule keeps √ᾱ ≈ 0.068 of the
+/// image at t = 999, so a model learns to read the image's mean from its "pure noise" input
+/// and then meets real pure noise at sampling time.
+pub fn ddim_scheduler_config(prediction_type: &str, zero_terminal_snr: bool) -> Value {
     json!({
         "_class_name": "DDIMScheduler",
         "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
@@ -66,11 +72,11 @@ pub fn ddim_scheduler_config(prediction_type: &str) -> Value {
         "set_alpha_to_one": false,
         "steps_offset": 1,
         "prediction_type": prediction_type,
-        "timestep_spacing": "leading",
+        "timestep_spacing": if zero_terminal_snr { "trailing" } else { "leading" },
         "thresholding": false,
         "dynamic_thresholding_ratio": 0.995,
         "sample_max_value": 1.0,
-        "rescale_betas_zero_snr": false,
+        "rescale_betas_zero_snr": zero_terminal_snr,
     })
 }
 

@@ -199,6 +199,9 @@ pub struct TrainUNetOptions {
     pub text_encoder: TextEncoderSetup,
     pub unet: UNetSetup,
     pub prediction: PredictionTarget,
+    /// Train on SD's schedule rescaled to zero terminal SNR (needs v-prediction); see
+    /// [`export::ddim_scheduler_config`].
+    pub zero_terminal_snr: bool,
     /// Training image size; `None` takes the VAE's `sample_size`.
     pub resolution: Option<usize>,
     pub batch_size: usize,
@@ -247,6 +250,7 @@ impl TrainUNetOptions {
                 norm_num_groups: 32,
             }),
             prediction: PredictionTarget::Epsilon,
+            zero_terminal_snr: false,
             resolution: None,
             batch_size: 8,
             max_steps: 2000,
@@ -325,20 +329,44 @@ pub fn diffusion_loss(
         .mean_all()
 }
 
-/// The per-step random choices that are not noise: each row's timestep (uniform over
-/// `num_timesteps`) and whether its caption is dropped. A stream of its own per step, so a
-/// resumed run makes the same choices.
+/// The per-step random choices that are not noise, one per batch row. A stream of its own per
+/// step, so a resumed run makes the same choices.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepChoices {
+    /// Uniform over the training timesteps.
+    pub timesteps: Vec<usize>,
+    /// Whether the caption is replaced by the empty prompt.
+    pub dropped: Vec<bool>,
+    /// Uniform in [0, 1): which of an image's alternative captions is used.
+    pub caption_picks: Vec<f64>,
+}
+
 pub fn step_choices(
     seed: u64,
     step: usize,
     batch: usize,
     num_timesteps: usize,
     uncond_prob: f64,
-) -> (Vec<usize>, Vec<bool>) {
+) -> StepChoices {
     let mut rng = SplitMix64::for_stream(seed, &format!("unet step {step}"));
     let timesteps = (0..batch).map(|_| rng.below(num_timesteps)).collect();
     let dropped = (0..batch).map(|_| rng.next_f64() < uncond_prob).collect();
-    (timesteps, dropped)
+    let caption_picks = (0..batch).map(|_| rng.next_f64()).collect();
+    StepChoices {
+        timesteps,
+        dropped,
+        caption_picks,
+    }
+}
+
+/// The caption of one batch row: the empty prompt when dropped, else the alternative `pick`
+/// (uniform in [0, 1)) selects.
+fn pick_caption(alternatives: &[String], dropped: bool, pick: f64) -> &str {
+    if dropped {
+        return "";
+    }
+    let index = ((pick * alternatives.len() as f64) as usize).min(alternatives.len() - 1);
+    &alternatives[index]
 }
 
 /// Trains (or resumes) as `cfg` says, reporting to `observer`; see the module documentation.
@@ -454,7 +482,8 @@ struct Trainer<'a> {
     schedule: NoiseSchedule,
     scheduler_json: Value,
     latents: LatentCache,
-    captions: Vec<String>,
+    /// Each image's alternative captions.
+    captions: Vec<Vec<String>>,
     sample_prompts: Vec<String>,
     resolution: usize,
     varmap: VarMap,
@@ -512,7 +541,8 @@ impl<'a> Trainer<'a> {
             text_config.hidden_size,
             resolution / factor,
         )?;
-        let scheduler_json = export::ddim_scheduler_config(cfg.prediction.diffusers_name());
+        let scheduler_json =
+            export::ddim_scheduler_config(cfg.prediction.diffusers_name(), cfg.zero_terminal_snr);
         let scheduler_config: SchedulerConfig = serde_json::from_value(scheduler_json.clone())
             .map_err(|e| anyhow::anyhow!("bad training scheduler config: {e}"))?;
         let schedule = NoiseSchedule::new(&scheduler_config);
@@ -541,7 +571,7 @@ impl<'a> Trainer<'a> {
         let mut optim = AdamW::new(&varmap, cfg.optimizer)?;
         let mut ema = Ema::new(&varmap, cfg.ema_decay)?;
 
-        let captions: Vec<String> = images.items.iter().map(|i| i.caption.clone()).collect();
+        let captions: Vec<Vec<String>> = images.items.iter().map(|i| i.captions.clone()).collect();
         let identity = json!({
             "unet": unet_config,
             "text_encoder": match &text_encoder {
@@ -550,6 +580,7 @@ impl<'a> Trainer<'a> {
             },
             "vae": vae_dir,
             "prediction_type": cfg.prediction.diffusers_name(),
+            "zero_terminal_snr": cfg.zero_terminal_snr,
             "seed": cfg.seed,
             "batch_size": cfg.batch_size,
             "resolution": resolution,
@@ -666,7 +697,7 @@ impl<'a> Trainer<'a> {
             cfg.seed,
             cfg.random_flip,
         )?;
-        let (timesteps, dropped) = step_choices(
+        let choices = step_choices(
             cfg.seed,
             self.step,
             cfg.batch_size,
@@ -677,10 +708,15 @@ impl<'a> Trainer<'a> {
             .latents
             .sample(&indices, &flips, &mut self.generator, device)?;
         let noise = standard_normal(&mut self.generator, latents.dims(), device)?;
-        let captions: Vec<&str> = indices
-            .iter()
-            .zip(&dropped)
-            .map(|(&i, &drop)| if drop { "" } else { self.captions[i].as_str() })
+        let captions: Vec<&str> = (0..indices.len())
+            .map(|row| {
+                let alternatives = &self.captions[indices[row]];
+                pick_caption(
+                    alternatives,
+                    choices.dropped[row],
+                    choices.caption_picks[row],
+                )
+            })
             .collect();
         let input_ids = self.tokenizer.encode_batch(&captions, device)?;
 
@@ -699,7 +735,7 @@ impl<'a> Trainer<'a> {
             cfg.prediction,
             &latents.to_dtype(cfg.dtype)?,
             &noise.to_dtype(cfg.dtype)?,
-            &timesteps,
+            &choices.timesteps,
         )?;
         let loss_value = loss.to_scalar::<f32>()? as f64;
         ensure!(
@@ -857,6 +893,10 @@ fn check_settings(cfg: &TrainUNetOptions) -> anyhow::Result<()> {
     }
     ensure!(cfg.batch_size > 0, "the batch size must be at least 1");
     ensure!(
+        !cfg.zero_terminal_snr || cfg.prediction == PredictionTarget::VPrediction,
+        "--zero-terminal-snr needs --prediction-type v_prediction: at zero SNR the noise says nothing about the image"
+    );
+    ensure!(
         (0.0..=1.0).contains(&cfg.uncond_prob),
         "the caption drop probability must be in [0, 1], got {}",
         cfg.uncond_prob
@@ -973,10 +1013,10 @@ fn strip_prefix(tensors: &HashMap<String, Tensor>, prefix: &str) -> HashMap<Stri
         .collect()
 }
 
-/// The first few distinct captions, in data-set order.
-fn default_sample_prompts(captions: &[String]) -> Vec<String> {
+/// The first few distinct (first) captions, in data-set order.
+fn default_sample_prompts(captions: &[Vec<String>]) -> Vec<String> {
     let mut prompts: Vec<String> = Vec::new();
-    for caption in captions {
+    for caption in captions.iter().map(|alternatives| &alternatives[0]) {
         if !prompts.contains(caption) {
             prompts.push(caption.clone());
             if prompts.len() == DEFAULT_SAMPLE_PROMPTS {
@@ -993,17 +1033,35 @@ mod tests {
 
     #[test]
     fn step_choices_are_uniform_and_reproducible() {
-        let (timesteps, dropped) = step_choices(7, 3, 20_000, 1000, 0.1);
-        assert_eq!(
-            (timesteps.clone(), dropped.clone()),
-            step_choices(7, 3, 20_000, 1000, 0.1)
-        );
-        assert_ne!(timesteps, step_choices(7, 4, 20_000, 1000, 0.1).0);
+        let choices = step_choices(7, 3, 20_000, 1000, 0.1);
+        assert_eq!(choices, step_choices(7, 3, 20_000, 1000, 0.1));
+        let StepChoices {
+            timesteps,
+            dropped,
+            caption_picks,
+        } = choices;
+        assert_ne!(timesteps, step_choices(7, 4, 20_000, 1000, 0.1).timesteps);
         assert!(timesteps.iter().all(|&t| t < 1000));
         let mean = timesteps.iter().sum::<usize>() as f64 / timesteps.len() as f64;
         assert!((mean - 499.5).abs() < 10.0, "mean timestep {mean}");
         let rate = dropped.iter().filter(|&&d| d).count() as f64 / dropped.len() as f64;
         assert!((rate - 0.1).abs() < 0.01, "drop rate {rate}");
+        assert!(caption_picks.iter().all(|p| (0.0..1.0).contains(p)));
+        let mean = caption_picks.iter().sum::<f64>() / caption_picks.len() as f64;
+        assert!((mean - 0.5).abs() < 0.01, "mean caption pick {mean}");
+    }
+
+    #[test]
+    fn pick_caption_covers_every_alternative() {
+        let alternatives = ["a cat".to_string(), "a cat, noto style".to_string()];
+        assert_eq!(pick_caption(&alternatives, false, 0.0), "a cat");
+        assert_eq!(pick_caption(&alternatives, false, 0.49), "a cat");
+        assert_eq!(pick_caption(&alternatives, false, 0.5), "a cat, noto style");
+        assert_eq!(
+            pick_caption(&alternatives, false, 0.999),
+            "a cat, noto style"
+        );
+        assert_eq!(pick_caption(&alternatives, true, 0.7), "");
     }
 
     #[test]
