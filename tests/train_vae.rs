@@ -501,7 +501,7 @@ fn cli_ctrl_c_saves_and_fails() {
     let data = root.path().join("data");
     make_shapes(&data, 4, 16);
     let out = root.path().join("out");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ldm"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ldm"))
         .args(["train-vae", "--data"])
         .arg(&data)
         .arg("--output")
