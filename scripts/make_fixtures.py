@@ -811,6 +811,9 @@ def txt2img_cases(sd1, sd2):
          "noise come from generator i. UNet batch = [neg, neg, pos, pos]."),
         ("txt2img_sd2_ddim", sd2, ddim2, [1006], {}, "SD2 (v_prediction), DDIM eta 0."),
         ("txt2img_sd2_ddpm", sd2, ddpm2, [1007], {}, "SD2 (v_prediction), DDPM."),
+        ("txt2img_sd2_ddim_rescale", sd2, ddim2, [1008], dict(guidance_rescale=0.7),
+         "SD2 (v_prediction), DDIM, guidance_rescale 0.7: each image's guided prediction is pulled towards "
+         "the standard deviation of its text-conditioned one (rescale_noise_cfg)."),
     ]
     for name, pipe, scheduler, seeds, overrides, description in cases:
         pipe.scheduler = scheduler

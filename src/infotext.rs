@@ -16,6 +16,8 @@ pub struct GenerationInfo {
     /// The sampler's display name, as A1111 spells it ("DDIM", "DDPM", ...).
     pub sampler: String,
     pub cfg_scale: f64,
+    /// diffusers' guidance rescale, recorded when guidance ran and it is not 0.
+    pub guidance_rescale: Option<f64>,
     pub seed: u64,
     pub width: usize,
     pub height: usize,
@@ -39,6 +41,9 @@ impl GenerationInfo {
         ];
         if let Some(strength) = self.denoising_strength {
             params.push(("Denoising strength", python_float(strength)));
+        }
+        if let Some(phi) = self.guidance_rescale.filter(|&phi| phi != 0.0) {
+            params.push(("Guidance rescale", python_float(phi)));
         }
         if let Some(eta) = self.eta.filter(|&eta| eta != 0.0) {
             params.push(("Eta DDIM", python_float(eta)));
@@ -91,6 +96,7 @@ mod tests {
             steps: 50,
             sampler: "DDIM".into(),
             cfg_scale: 7.0,
+            guidance_rescale: None,
             seed: 42,
             width: 512,
             height: 512,
@@ -118,6 +124,7 @@ mod tests {
         info.eta = Some(0.5);
         info.denoising_strength = Some(0.75);
         info.cfg_scale = 7.5;
+        info.guidance_rescale = Some(0.7);
         let text = info.to_infotext();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "a red apple");
@@ -125,7 +132,7 @@ mod tests {
         assert!(lines[2].contains("CFG scale: 7.5, "), "{text}");
         assert!(lines[2].contains("Model: \"org/model:v1\""), "{text}");
         assert!(
-            lines[2].contains("Denoising strength: 0.75, Eta DDIM: 0.5"),
+            lines[2].contains("Denoising strength: 0.75, Guidance rescale: 0.7, Eta DDIM: 0.5"),
             "{text}"
         );
     }

@@ -299,6 +299,8 @@ pub struct JobDefaults {
     pub base_seed: u64,
     pub steps: usize,
     pub guidance_scale: f64,
+    /// Guidance rescale φ (not settable per line).
+    pub guidance_rescale: f64,
     /// DDIM eta (not settable per line).
     pub eta: f64,
     pub width: usize,
@@ -335,6 +337,9 @@ pub struct Job {
     pub seed: u64,
     pub steps: usize,
     pub guidance_scale: f64,
+    /// Absent from manifests written before it existed: 0 then.
+    #[serde(default)]
+    pub guidance_rescale: f64,
     pub eta: f64,
     pub width: usize,
     pub height: usize,
@@ -413,6 +418,7 @@ pub fn expand_jobs(entries: &[PromptEntry], defaults: &JobDefaults) -> Vec<Job> 
                 seed,
                 steps: o.steps.unwrap_or(defaults.steps),
                 guidance_scale: o.guidance_scale.unwrap_or(defaults.guidance_scale),
+                guidance_rescale: defaults.guidance_rescale,
                 eta: defaults.eta,
                 width: o.width.unwrap_or(defaults.width),
                 height: o.height.unwrap_or(defaults.height),
@@ -439,6 +445,9 @@ struct KeyFields<'a> {
     seed: u64,
     steps: usize,
     guidance_scale: f64,
+    /// Left out at 0, so jobs keep the keys they had before guidance rescale existed.
+    #[serde(skip_serializing_if = "is_zero")]
+    guidance_rescale: f64,
     eta: f64,
     width: usize,
     height: usize,
@@ -447,6 +456,10 @@ struct KeyFields<'a> {
     image: Option<&'a Path>,
     mask: Option<&'a Path>,
     strength: Option<f64>,
+}
+
+fn is_zero(value: &f64) -> bool {
+    *value == 0.0
 }
 
 /// A stable content key of the job: SHA-256 (hex) of every setting that influences its image.
@@ -460,6 +473,7 @@ pub fn job_key(job: &Job) -> String {
         seed: job.seed,
         steps: job.steps,
         guidance_scale: job.guidance_scale,
+        guidance_rescale: job.guidance_rescale,
         eta: job.eta,
         width: job.width,
         height: job.height,
@@ -486,6 +500,7 @@ struct BatchShape<'a> {
     height: usize,
     steps: usize,
     guidance_scale: u64,
+    guidance_rescale: u64,
     eta: u64,
     scheduler: &'a str,
     model: &'a str,
@@ -500,6 +515,7 @@ impl<'a> BatchShape<'a> {
             height: job.height,
             steps: job.steps,
             guidance_scale: job.guidance_scale.to_bits(),
+            guidance_rescale: job.guidance_rescale.to_bits(),
             eta: job.eta.to_bits(),
             scheduler: &job.scheduler,
             model: &job.model,

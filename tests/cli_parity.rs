@@ -50,6 +50,10 @@ const CASES: &[Case] = &[
         model: "tiny-sd2",
     },
     Case {
+        name: "txt2img_sd2_ddim_rescale",
+        model: "tiny-sd2",
+    },
+    Case {
         name: "img2img_sd1_ddim",
         model: "tiny-sd1",
     },
@@ -98,6 +102,9 @@ fn command_for(case: &Case, json: &serde_json::Value, out: &Path) -> Command {
         .arg(out.join("image.png"))
         .arg("--save-latents")
         .arg(out.join("latents.safetensors"));
+    if let Some(phi) = call.get("guidance_rescale") {
+        cmd.args(["--guidance-rescale", &phi.to_string()]);
+    }
     if let Some(eta) = call.get("eta") {
         cmd.args(["--eta", &eta.to_string()]);
     }

@@ -15,6 +15,7 @@ fn defaults() -> JobDefaults {
         base_seed: 100,
         steps: 50,
         guidance_scale: 7.5,
+        guidance_rescale: 0.0,
         eta: 0.0,
         width: 512,
         height: 512,
@@ -631,6 +632,10 @@ fn job_key_ignores_position_and_tracks_every_image_setting() {
         },
         Job {
             eta: 1.0,
+            ..base.clone()
+        },
+        Job {
+            guidance_rescale: 0.7,
             ..base.clone()
         },
         Job {

@@ -213,6 +213,7 @@ fn loss_falls_and_the_export_is_a_working_pipeline() {
         sampler: SamplerKind::Ddim,
         steps: 8,
         guidance_scale: 3.0,
+        guidance_rescale: 0.0,
         eta: 0.0,
         width: RESOLUTION as usize,
         height: RESOLUTION as usize,

@@ -78,6 +78,12 @@ pub struct SamplingArgs {
     #[arg(short = 'g', long, visible_aliases = ["cfg-scale", "cfg"], default_value_t = 7.5, value_name = "G")]
     pub guidance_scale: f64,
 
+    /// Guidance rescale φ in [0, 1] (diffusers' `guidance_rescale`): pulls the guided
+    /// prediction back to the spread of the text-conditioned one; 0.7 suits zero-terminal-SNR
+    /// models at high guidance.
+    #[arg(long, default_value_t = 0.0, value_name = "PHI")]
+    pub guidance_rescale: f64,
+
     /// Seed of image 1; image i uses seed + i - 1. Random (and printed) when omitted or -1.
     #[arg(short, long, allow_negative_numbers = true, value_name = "SEED")]
     pub seed: Option<i64>,
@@ -106,6 +112,7 @@ impl SamplingArgs {
             sampler: self.scheduler,
             steps: self.steps,
             guidance_scale: self.guidance_scale,
+            guidance_rescale: self.guidance_rescale,
             eta: self.eta,
             width: self.width.unwrap_or(width),
             height: self.height.unwrap_or(height),
@@ -548,6 +555,7 @@ fn batch(
         base_seed: sampling_args.seed.filter(|&s| s >= 0).unwrap_or(0) as u64,
         steps: sampling.steps,
         guidance_scale: sampling.guidance_scale,
+        guidance_rescale: sampling.guidance_rescale,
         eta: sampling.eta,
         width: sampling.width,
         height: sampling.height,

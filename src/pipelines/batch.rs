@@ -76,6 +76,7 @@ fn job_sampling(job: &Job) -> anyhow::Result<Sampling> {
         sampler,
         steps: job.steps,
         guidance_scale: job.guidance_scale,
+        guidance_rescale: job.guidance_rescale,
         eta: job.eta,
         width: job.width,
         height: job.height,

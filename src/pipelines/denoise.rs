@@ -11,6 +11,8 @@ pub struct DenoiseSpec<'a> {
     /// Text conditioning: `[2B, L, D]` (unconditional rows first) with guidance, else `[B, L, D]`.
     pub text_embeddings: &'a Tensor,
     pub guidance_scale: f64,
+    /// diffusers' `guidance_rescale` φ: 0 is plain guidance.
+    pub guidance_rescale: f64,
     /// The first scheduler step to run (img2img and inpainting start part-way).
     pub start_step: usize,
     pub inpaint: Option<&'a InpaintGuide>,
@@ -78,7 +80,8 @@ impl StableDiffusion {
             let noise_pred = if guided {
                 let halves = noise_pred.chunk(2, 0)?;
                 let (uncond, cond) = (&halves[0], &halves[1]);
-                (uncond + ((cond - uncond)? * spec.guidance_scale)?)?
+                let guided = (uncond + ((cond - uncond)? * spec.guidance_scale)?)?;
+                rescale_guidance(&guided, cond, spec.guidance_rescale)?
             } else {
                 noise_pred
             };
@@ -102,4 +105,29 @@ impl StableDiffusion {
         }
         Ok(latents)
     }
+}
+
+/// Guidance rescale (Lin et al. 2023, section 3.4; diffusers' `rescale_noise_cfg`): scales each
+/// image's guided prediction to the standard deviation of its text-conditioned one, mixed in by
+/// `phi`. Large guidance scales otherwise over-expose, most of all on zero-terminal-SNR models.
+fn rescale_guidance(guided: &Tensor, cond: &Tensor, phi: f64) -> candle_core::Result<Tensor> {
+    if phi == 0.0 {
+        return Ok(guided.clone());
+    }
+    let ratio = (per_image_std(cond)? / per_image_std(guided)?)?;
+    let rescaled = guided.broadcast_mul(&ratio)?;
+    (rescaled * phi)? + (guided * (1.0 - phi))?
+}
+
+/// The unbiased standard deviation of each image (torch's `std` over all but dim 0), shaped
+/// `[B, 1, 1, 1]` to broadcast against it.
+fn per_image_std(x: &Tensor) -> candle_core::Result<Tensor> {
+    let batch = x.dim(0)?;
+    let flat = x.flatten_from(1)?;
+    let count = flat.dim(1)?;
+    let centered = flat.broadcast_sub(&flat.mean_keepdim(1)?)?;
+    let variance = (centered.sqr()?.sum_keepdim(1)? / (count.max(2) - 1) as f64)?;
+    let mut shape = vec![batch];
+    shape.resize(x.rank(), 1);
+    variance.sqrt()?.reshape(shape)
 }

@@ -20,6 +20,8 @@ pub struct Sampling {
     pub sampler: SamplerKind,
     pub steps: usize,
     pub guidance_scale: f64,
+    /// diffusers' `guidance_rescale` φ in [0, 1] (0: plain classifier-free guidance).
+    pub guidance_rescale: f64,
     pub eta: f64,
     pub width: usize,
     pub height: usize,
@@ -73,6 +75,11 @@ impl StableDiffusion {
         ensure!(
             sampling.guidance_scale.is_finite() && sampling.guidance_scale >= 0.0,
             "the guidance scale must be a non-negative number"
+        );
+        ensure!(
+            (0.0..=1.0).contains(&sampling.guidance_rescale),
+            "the guidance rescale must be between 0 and 1, got {}",
+            sampling.guidance_rescale
         );
         ensure!(
             (0.0..=1.0).contains(&sampling.strength),
@@ -148,6 +155,7 @@ impl StableDiffusion {
         let spec = DenoiseSpec {
             text_embeddings: &text_embeddings,
             guidance_scale: sampling.guidance_scale,
+            guidance_rescale: sampling.guidance_rescale,
             start_step: start.start_step,
             inpaint: start.guide.as_ref(),
         };
@@ -311,6 +319,7 @@ impl StableDiffusion {
             steps: sampling.steps,
             sampler: sampling.sampler.display_name().to_string(),
             cfg_scale: sampling.guidance_scale,
+            guidance_rescale: (sampling.guidance_scale > 1.0).then_some(sampling.guidance_rescale),
             seed: job.seed,
             width: sampling.width,
             height: sampling.height,

@@ -825,6 +825,7 @@ impl<'a> Trainer<'a> {
             sampler: SamplerKind::Ddim,
             steps: settings.steps,
             guidance_scale: settings.guidance_scale,
+            guidance_rescale: 0.0,
             eta: 0.0,
             width: self.resolution,
             height: self.resolution,
