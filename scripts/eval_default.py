@@ -34,7 +34,8 @@ over the categories (largest-remainder allocation proportional to each category'
 names, at least one per category), picked in a fixed hash order of the emoji code, one style
 per name (alternating twemoji/noto). Each prompt is the data set's caption of that name and
 style; prompt k gets seeds --seed + k*N .. + N-1 (N = --images-per-prompt, default 2).
-Generation: `ldm batch prompts.jsonl --steps 25 --guidance-scale 7.5 --scheduler ddim` at the
+Generation: `ldm batch prompts.jsonl --steps 25 --guidance-scale 7.5 --guidance-rescale 0
+--scheduler ddim` at the
 model's native size, --jobs processes in parallel (default 2), each with RAYON_NUM_THREADS=1
 and --batch-size 1, so an image does not depend on how the work is split (and one thread is
 the fastest setting on a small CPU model). Same model + binary + data -> same files.
@@ -384,6 +385,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1000, help="seed of the first prompt's first image")
     ap.add_argument("--steps", type=int, default=25, help="denoising steps")
     ap.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale")
+    ap.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi")
     ap.add_argument("--scheduler", default="ddim", help="ldm sampler")
     ap.add_argument("--size", type=int, nargs=2, metavar=("W", "H"),
                     help="generation size (default: the model's native size)")
@@ -456,7 +458,8 @@ def main() -> None:
         lines.append(line)
     gen_common = ["--model", str(model), "--steps", str(args.steps), "--seed", str(args.seed),
                   "--width", str(gen_w), "--height", str(gen_h),
-                  "--guidance-scale", str(args.guidance_scale), "--scheduler", args.scheduler
+                  "--guidance-scale", str(args.guidance_scale),
+                  "--guidance-rescale", str(args.guidance_rescale), "--scheduler", args.scheduler
                   ] + device_args
     header = [
         "# Prompts of scripts/eval_default.py (train names, then held-out names).",
@@ -616,7 +619,8 @@ def main() -> None:
           [p for p in prompts if p["split"] == "train"]),
          ("Held-out names (never trained on)", [p for p in prompts if p["split"] == "heldout"])],
         tile, args.grid_columns, out / "grid.png",
-        f"ldm eval: {model_label}, {args.steps} steps {args.scheduler}, cfg {args.guidance_scale}, "
+        f"ldm eval: {model_label}, {args.steps} steps {args.scheduler}, cfg {args.guidance_scale}"
+        f"{f' (rescale {args.guidance_rescale})' if args.guidance_rescale else ''}, "
         f"{gen_w}x{gen_h} (shown at {tile}px)")
 
     # ---- eval.json
@@ -633,7 +637,8 @@ def main() -> None:
         "generation": {"prompts_per_split": {s: sum(p["split"] == s for p in prompts)
                                              for s in ("train", "heldout")},
                        "images_per_prompt": args.images_per_prompt, "steps": args.steps,
-                       "guidance_scale": args.guidance_scale, "scheduler": args.scheduler,
+                       "guidance_scale": args.guidance_scale,
+                       "guidance_rescale": args.guidance_rescale, "scheduler": args.scheduler,
                        "eta": 0.0, "negative_prompt": "", "size": [gen_w, gen_h],
                        "seeds": f"prompt k: {args.seed} + k*{args.images_per_prompt} + i",
                        "batch_size": 1, "rayon_threads": args.threads,
@@ -670,7 +675,7 @@ def main() -> None:
     md = [
         f"Evaluation by `scripts/eval_default.py` (ldm {version.split()[-1] if version else '?'}; "
         f"data `{data.name}`, {data_w}x{data_h}). Generated with {args.steps} {args.scheduler.upper()} "
-        f"steps, CFG {args.guidance_scale}, {gen_w}x{gen_h}, {args.images_per_prompt} fixed seeds "
+        f"steps, CFG {args.guidance_scale}, guidance rescale {args.guidance_rescale}, {gen_w}x{gen_h}, {args.images_per_prompt} fixed seeds "
         f"for each of {che['generated']['n'] // args.images_per_prompt} held-out-name and "
         f"{ctr['generated']['n'] // args.images_per_prompt} training-name prompts "
         f"(captions of the data set, stratified by category; `prompts.jsonl`).",
