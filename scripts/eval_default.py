@@ -60,7 +60,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from collections import Counter, defaultdict
 from pathlib import Path

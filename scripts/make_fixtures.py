@@ -59,6 +59,8 @@ from diffusers import (  # noqa: E402
     AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
@@ -346,6 +348,8 @@ DRAWING_MODULES = [
     "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint",
     "diffusers.schedulers.scheduling_ddim",
     "diffusers.schedulers.scheduling_ddpm",
+    "diffusers.schedulers.scheduling_euler_discrete",
+    "diffusers.schedulers.scheduling_euler_ancestral_discrete",
     "diffusers.models.autoencoders.vae",
 ]
 
@@ -615,7 +619,20 @@ SCHEDULER_VARIANTS = [
      dict(SD15_SCHEDULER, timestep_spacing="trailing", steps_offset=0), 10, None),
     ("ddpm_linear_leading_offset1", DDPMScheduler,
      dict(beta_schedule="linear", clip_sample=False, steps_offset=1), 10, None),
+    ("euler_sd15", EulerDiscreteScheduler, SD15_SCHEDULER, 10, None),
+    # {} = the class defaults: linear betas, linspace spacing (fractional timesteps), final sigma 0
+    ("euler_defaults_linspace", EulerDiscreteScheduler, {}, 7, None),
+    ("euler_sd21_vpred_karras", EulerDiscreteScheduler, dict(SD21_SCHEDULER, use_karras_sigmas=True), 10, None),
+    ("euler_vpred_zero_snr_trailing", EulerDiscreteScheduler,
+     dict(SD21_SCHEDULER, timestep_spacing="trailing", steps_offset=0, rescale_betas_zero_snr=True), 10, None),
+    ("euler_trailing_sigma_min", EulerDiscreteScheduler,
+     dict(SD15_SCHEDULER, timestep_spacing="trailing", steps_offset=0, final_sigmas_type="sigma_min"), 7, None),
+    ("euler_a_sd15", EulerAncestralDiscreteScheduler, SD15_SCHEDULER, 10, None),
+    ("euler_a_vpred_linspace", EulerAncestralDiscreteScheduler,
+     dict(SD21_SCHEDULER, timestep_spacing="linspace", steps_offset=0), 7, None),
 ]
+
+EULER_CLASSES = (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler)
 
 
 def prev_timestep(scheduler, t):
@@ -623,6 +640,9 @@ def prev_timestep(scheduler, t):
     if isinstance(scheduler, DDIMScheduler):
         return int(t) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     return int(scheduler.previous_timestep(t))
+
+
+EULER_ADD_NOISE_STEP = 3
 
 
 def case_scheduler(index, name, cls, config, steps, eta):
@@ -635,8 +655,10 @@ def case_scheduler(index, name, cls, config, steps, eta):
     shape = [1, 4, 8, 8]
     sample = torch.randn(shape, generator=inputs) * scheduler.init_noise_sigma
     record = {k: [] for k in ("sample", "model_output", "noise", "prev_sample", "pred_original_sample")}
+    scaled_inputs = []
     noise_drawn = []
     for t in scheduler.timesteps:
+        scaled_inputs.append(scheduler.scale_model_input(sample, t))
         model_output = torch.randn(shape, generator=inputs)
         kwargs = {"generator": step_noise}
         if eta is not None:
@@ -656,26 +678,41 @@ def case_scheduler(index, name, cls, config, steps, eta):
     # Training-side helpers with a different timestep per batch row.
     add_original = torch.randn([2, 4, 8, 8], generator=inputs)
     add_noise = torch.randn([2, 4, 8, 8], generator=inputs)
-    add_timesteps = torch.tensor([999, 17], dtype=torch.int64)
     tensors = {key: torch.stack(values) for key, values in record.items()}
-    tensors.update({
-        "timesteps": scheduler.timesteps, "alphas_cumprod": scheduler.alphas_cumprod, "betas": scheduler.betas,
-        "add_noise_original": add_original, "add_noise_noise": add_noise, "add_noise_timesteps": add_timesteps,
-        "add_noise_out": scheduler.add_noise(add_original, add_noise, add_timesteps),
-        "velocity": scheduler.get_velocity(add_original, add_noise, add_timesteps),
-    })
+    tensors.update({"timesteps": scheduler.timesteps, "alphas_cumprod": scheduler.alphas_cumprod,
+                    "betas": scheduler.betas, "scaled_input": torch.stack(scaled_inputs),
+                    "add_noise_original": add_original, "add_noise_noise": add_noise})
+    if isinstance(scheduler, EULER_CLASSES):
+        # Euler's add_noise uses the sigma of the pipeline's begin index (img2img), whatever the rows.
+        fresh = cls.from_config(config)
+        fresh.set_timesteps(steps)
+        fresh.set_begin_index(EULER_ADD_NOISE_STEP)
+        rows = fresh.timesteps[EULER_ADD_NOISE_STEP].repeat(2)
+        tensors.update({"sigmas": scheduler.sigmas,
+                        "add_noise_out": fresh.add_noise(add_original, add_noise, rows)})
+    else:
+        add_timesteps = torch.tensor([999, 17], dtype=torch.int64)
+        tensors.update({
+            "add_noise_timesteps": add_timesteps,
+            "add_noise_out": scheduler.add_noise(add_original, add_noise, add_timesteps),
+            "velocity": scheduler.get_velocity(add_original, add_noise, add_timesteps),
+        })
     meta = {
         "description": f"{cls.__name__}: set_timesteps({steps}), then a chain of step(model_output, t, sample"
                        f"{', eta=' + str(eta) if eta is not None else ''}, generator=Generator.manual_seed("
                        f"noise_seed)) calls; sample[i+1] = prev_sample[i].",
         "scheduler_class": cls.__name__, "scheduler_config": scheduler_config(scheduler),
         "num_inference_steps": steps, "eta": eta,
-        "timesteps": scheduler.timesteps, "prev_timesteps": [prev_timestep(scheduler, t) for t in scheduler.timesteps],
+        "timesteps": scheduler.timesteps,
         "noise_drawn": noise_drawn, "init_noise_sigma": float(scheduler.init_noise_sigma),
         "inputs_seed": seed, "noise_seed": noise_seed,
         "inputs_order": "x_T = randn([1,4,8,8]) * init_noise_sigma, then model_output[i] = randn([1,4,8,8]) per "
                         "step, then add_noise_original, add_noise_noise ([2,4,8,8]), all from Generator(inputs_seed)",
     }
+    if isinstance(scheduler, EULER_CLASSES):
+        meta["add_noise_step"] = EULER_ADD_NOISE_STEP
+    else:
+        meta["prev_timesteps"] = [prev_timestep(scheduler, t) for t in scheduler.timesteps]
     if isinstance(scheduler, DDIMScheduler):
         meta["final_alpha_cumprod"] = float(scheduler.final_alpha_cumprod)
     save_case(f"schedulers_{name}", tensors, meta)
@@ -814,6 +851,13 @@ def txt2img_cases(sd1, sd2):
         ("txt2img_sd2_ddim_rescale", sd2, ddim2, [1008], dict(guidance_rescale=0.7),
          "SD2 (v_prediction), DDIM, guidance_rescale 0.7: each image's guided prediction is pulled towards "
          "the standard deviation of its text-conditioned one (rescale_noise_cfg)."),
+        ("txt2img_sd1_euler_a", sd1, EulerAncestralDiscreteScheduler.from_config(ddim1.config), [1009, 1010],
+         dict(num_images_per_prompt=2),
+         "SD1, EulerAncestralDiscreteScheduler.from_config(DDIM config) (leading spacing, steps_offset 1): "
+         "latents scaled by init_noise_sigma, inputs by 1/sqrt(sigma^2+1), fresh noise every step from each image's "
+         "generator."),
+        ("txt2img_sd2_euler", sd2, EulerDiscreteScheduler.from_config(ddim2.config), [1011], {},
+         "SD2 (v_prediction), EulerDiscreteScheduler.from_config(DDIM config)."),
     ]
     for name, pipe, scheduler, seeds, overrides, description in cases:
         pipe.scheduler = scheduler

@@ -54,6 +54,14 @@ const CASES: &[Case] = &[
         model: "tiny-sd2",
     },
     Case {
+        name: "txt2img_sd1_euler_a",
+        model: "tiny-sd1",
+    },
+    Case {
+        name: "txt2img_sd2_euler",
+        model: "tiny-sd2",
+    },
+    Case {
         name: "img2img_sd1_ddim",
         model: "tiny-sd1",
     },
@@ -79,6 +87,8 @@ fn command_for(case: &Case, json: &serde_json::Value, out: &Path) -> Command {
     let sampler = match json["scheduler_class"].as_str().unwrap() {
         "DDIMScheduler" => "ddim",
         "DDPMScheduler" => "ddpm",
+        "EulerDiscreteScheduler" => "euler",
+        "EulerAncestralDiscreteScheduler" => "euler_a",
         other => panic!("unknown scheduler {other}"),
     };
     let seeds = json["seeds"].as_array().unwrap();

@@ -1,7 +1,8 @@
-//! DDIM and DDPM against diffusers 0.42: `tests/fixtures/cases/schedulers_*` record, for one
-//! scheduler config each, the timesteps, the float32 schedule, every step's inputs and outputs
-//! (with the variance noise diffusers drew), and `add_noise`/`get_velocity` with a different
-//! timestep per batch row.
+//! DDIM, DDPM, Euler and Euler a against diffusers 0.42: `tests/fixtures/cases/schedulers_*`
+//! record, for one scheduler config each, the timesteps, the float32 schedule (and Euler's
+//! sigmas), every step's scaled model input, inputs and outputs (with the noise diffusers drew),
+//! and `add_noise`: per batch row timesteps with `get_velocity` for DDIM/DDPM, at the img2img
+//! begin step for Euler.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use ldm::rng::NoiseSource;
-use ldm::schedulers::{self, NoiseSchedule, SamplerKind, SchedulerConfig};
+use ldm::schedulers::{self, NoiseSchedule, SamplerKind, SchedulerConfig, SigmaSpacing};
 
 /// ᾱ must match torch's float32 schedule to this. It is bit-exact without zero-SNR rescaling,
 /// which goes through torch's float32 sqrt: torch 2.15's CPU sqrt is not correctly rounded
@@ -18,12 +19,16 @@ use ldm::schedulers::{self, NoiseSchedule, SamplerKind, SchedulerConfig};
 const SCHEDULE_TOL: f32 = 1e-6;
 /// Zero-SNR betas near 1 are ratios of tiny ᾱ, where those 1-ulp differences grow.
 const ZERO_SNR_BETAS_TOL: f32 = 1e-5;
-/// One step fed the recorded inputs: 1e-5 abs plus 2e-7 (~2 f32 ulps) of the largest expected
-/// value, for the same 1-ulp sqrt differences in the step coefficients (values reach ~280).
+/// One step fed the recorded inputs: 1e-5 abs plus 2e-7 (~2 f32 ulps) of the largest value in
+/// or out, for the same 1-ulp sqrt differences in the step coefficients (values reach ~280; a
+/// zero-SNR Euler step starts from σ = 4096 and cancels most of it).
 const STEP_ABS_TOL: f32 = 1e-5;
 const STEP_REL_TOL: f32 = 2e-7;
 /// A whole chain run from the first recorded sample, replaying the recorded noise.
 const FREE_RUN_TOL: f32 = 1e-4;
+/// Euler sigmas: float32 values through float64 interpolation (and Karras' powers), where
+/// torch's float32 sqrt and numpy's float32 log may differ from ours by an ulp.
+const SIGMA_REL_TOL: f32 = 1e-6;
 
 /// Replays recorded noise tensors in order and counts the draws.
 struct ReplayNoise {
@@ -56,14 +61,16 @@ impl NoiseSource for ReplayNoise {
     }
 }
 
-fn assert_step_close(what: &str, actual: &Tensor, expected: &Tensor) {
-    let scale = expected
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+fn assert_step_close(what: &str, actual: &Tensor, expected: &Tensor, input: &Tensor) {
+    let largest = |t: &Tensor| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let scale = largest(expected).max(largest(input));
     common::assert_close(what, actual, expected, STEP_ABS_TOL + STEP_REL_TOL * scale);
 }
 
@@ -92,6 +99,7 @@ struct Case {
     steps: usize,
     eta: f64,
     noise_drawn: Vec<bool>,
+    init_noise_sigma: f64,
     tensors: std::collections::HashMap<String, Tensor>,
 }
 
@@ -103,6 +111,8 @@ impl Case {
         let kind = match meta["scheduler_class"].as_str().unwrap() {
             "DDIMScheduler" => SamplerKind::Ddim,
             "DDPMScheduler" => SamplerKind::Ddpm,
+            "EulerDiscreteScheduler" => SamplerKind::Euler,
+            "EulerAncestralDiscreteScheduler" => SamplerKind::EulerA,
             other => panic!("{name}: unexpected scheduler class {other}"),
         };
         Self {
@@ -112,6 +122,7 @@ impl Case {
             steps: meta["num_inference_steps"].as_u64().unwrap() as usize,
             eta: meta["eta"].as_f64().unwrap_or(0.0),
             noise_drawn: serde_json::from_value(meta["noise_drawn"].clone()).unwrap(),
+            init_noise_sigma: meta["init_noise_sigma"].as_f64().unwrap(),
             tensors: common::load_case(name),
         }
     }
@@ -143,10 +154,61 @@ impl Case {
 fn timesteps_equal_diffusers_exactly() {
     for name in scheduler_cases() {
         let case = Case::load(&name);
-        let expected: Vec<i64> = case.tensor("timesteps").to_vec1().unwrap();
-        let actual: Vec<i64> = case.build().timesteps().iter().map(|&t| t as i64).collect();
-        assert_eq!(actual, expected, "{name}");
-        assert_eq!(case.build().init_noise_sigma(), 1.0);
+        let expected: Vec<f64> = case
+            .tensor("timesteps")
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let scheduler = case.build();
+        if case.config.sigma_spacing == SigmaSpacing::Karras {
+            // Karras timesteps are read back through numpy's float32 log: an ulp may differ.
+            for (ours, theirs) in scheduler.timesteps().iter().zip(&expected) {
+                assert!(
+                    (ours - theirs).abs() <= 1e-6 * theirs.abs(),
+                    "{name}: {ours} vs {theirs}"
+                );
+            }
+            assert_eq!(scheduler.timesteps().len(), expected.len());
+        } else {
+            assert_eq!(scheduler.timesteps(), expected, "{name}");
+        }
+        let init_sigma = scheduler.init_noise_sigma();
+        assert!(
+            (init_sigma - case.init_noise_sigma).abs() <= 1e-6 * case.init_noise_sigma,
+            "{name}: init_noise_sigma {init_sigma} vs {}",
+            case.init_noise_sigma
+        );
+    }
+}
+
+#[test]
+fn euler_sigmas_and_img2img_noise_match_diffusers() {
+    let euler_cases: Vec<String> = scheduler_cases()
+        .into_iter()
+        .filter(|name| name.contains("euler"))
+        .collect();
+    assert!(euler_cases.len() >= 2, "Euler fixtures missing");
+    for name in euler_cases {
+        let case = Case::load(&name);
+        let meta = common::load_case_json(&name);
+        let step = meta["add_noise_step"].as_u64().unwrap() as usize;
+        let sigmas: Vec<f32> = case.tensor("sigmas").to_vec1().unwrap();
+        let scheduler = case.build();
+        let (original, noise) = (
+            case.tensor("add_noise_original"),
+            case.tensor("add_noise_noise"),
+        );
+        let noisy = scheduler.add_noise(original, noise, step).unwrap();
+        // x₀ + σ·ε with σ = sigmas[step]: compare at the tolerance σ's own error allows.
+        let tol = 1e-6 + SIGMA_REL_TOL * sigmas[step] * 5.0;
+        common::assert_close(
+            &format!("{name} add_noise"),
+            &noisy,
+            case.tensor("add_noise_out"),
+            tol,
+        );
+        assert!(scheduler.add_noise(original, noise, case.steps).is_err());
     }
 }
 
@@ -183,6 +245,9 @@ fn schedule_matches_torch_float32() {
 fn add_noise_and_velocity_take_per_row_timesteps() {
     for name in scheduler_cases() {
         let case = Case::load(&name);
+        if !case.tensors.contains_key("velocity") {
+            continue; // Euler: no per-row timesteps (see euler_sigmas_and_img2img_noise_match_diffusers)
+        }
         let schedule = NoiseSchedule::new(&case.config);
         let timesteps: Vec<usize> = case
             .tensor("add_noise_timesteps")
@@ -220,6 +285,14 @@ fn each_step_matches_diffusers() {
         for i in 0..case.steps {
             let drawn = case.noise_drawn[i];
             let mut noise = ReplayNoise::new(drawn.then(|| case.at("noise", i)));
+            assert_step_close(
+                &format!("{name} step {i} scaled model input"),
+                &scheduler
+                    .scale_model_input(&case.at("sample", i), i)
+                    .unwrap(),
+                &case.at("scaled_input", i),
+                &case.at("sample", i),
+            );
             let out = scheduler
                 .step(
                     &case.at("model_output", i),
@@ -237,11 +310,13 @@ fn each_step_matches_diffusers() {
                 &format!("{name} step {i} prev_sample"),
                 &out.prev_sample,
                 &case.at("prev_sample", i),
+                &case.at("sample", i),
             );
             assert_step_close(
                 &format!("{name} step {i} pred_original_sample"),
                 &out.pred_original_sample.unwrap(),
                 &case.at("pred_original_sample", i),
+                &case.at("sample", i),
             );
         }
     }

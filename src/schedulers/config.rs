@@ -2,7 +2,8 @@
 //!
 //! One struct serves every sampler: diffusers lets any scheduler be built `from_config` of
 //! another, ignoring fields it does not know and taking its own defaults for missing ones. The
-//! DDIM and DDPM defaults agree on every shared field, so one set of defaults fits both.
+//! DDIM, DDPM and Euler defaults agree on every shared field but `timestep_spacing` ("leading"
+//! for DDIM/DDPM, "linspace" for Euler), which is therefore kept as given.
 
 use std::path::Path;
 
@@ -38,6 +39,24 @@ pub enum TimestepSpacing {
     Linspace,
 }
 
+/// How Euler samplers place their sigmas between the first and the last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SigmaSpacing {
+    /// Interpolated linearly at the inference timesteps (diffusers' default).
+    Interpolated,
+    /// Karras et al. 2022 (ρ = 7), with timesteps read back from the log-sigmas
+    /// (`use_karras_sigmas`).
+    Karras,
+}
+
+/// The sigma after the last Euler step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinalSigma {
+    Zero,
+    /// The sigma of training timestep 0.
+    SigmaMin,
+}
+
 /// DDPM's posterior variance (ignored by DDIM).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VarianceType {
@@ -67,13 +86,27 @@ pub struct SchedulerConfig {
     pub set_alpha_to_one: bool,
     pub steps_offset: usize,
     pub prediction_type: PredictionType,
-    pub timestep_spacing: TimestepSpacing,
+    /// `None` when the file does not say: each sampler then takes its own default.
+    pub timestep_spacing: Option<TimestepSpacing>,
     pub variance_type: VarianceType,
     /// Dynamic thresholding of x̂₀ (Imagen); takes precedence over `clip_sample`.
     pub thresholding: bool,
     pub dynamic_thresholding_ratio: f64,
     pub sample_max_value: f64,
     pub rescale_betas_zero_snr: bool,
+    /// Euler samplers: sigma placement, the last sigma, and Karras' bounds (`sigma_min`,
+    /// `sigma_max`; default the schedule's own).
+    pub sigma_spacing: SigmaSpacing,
+    pub final_sigmas_type: FinalSigma,
+    pub sigma_min: Option<f64>,
+    pub sigma_max: Option<f64>,
+}
+
+impl SchedulerConfig {
+    /// `timestep_spacing`, or `default` (the sampler's own) when the file leaves it out.
+    pub fn timestep_spacing_or(&self, default: TimestepSpacing) -> TimestepSpacing {
+        self.timestep_spacing.unwrap_or(default)
+    }
 }
 
 impl Default for SchedulerConfig {
@@ -89,12 +122,16 @@ impl Default for SchedulerConfig {
             set_alpha_to_one: true,
             steps_offset: 0,
             prediction_type: PredictionType::Epsilon,
-            timestep_spacing: TimestepSpacing::Leading,
+            timestep_spacing: None,
             variance_type: VarianceType::FixedSmall,
             thresholding: false,
             dynamic_thresholding_ratio: 0.995,
             sample_max_value: 1.0,
             rescale_betas_zero_snr: false,
+            sigma_spacing: SigmaSpacing::Interpolated,
+            final_sigmas_type: FinalSigma::Zero,
+            sigma_min: None,
+            sigma_max: None,
         }
     }
 }
@@ -121,12 +158,20 @@ struct RawSchedulerConfig {
     set_alpha_to_one: bool,
     steps_offset: usize,
     prediction_type: String,
-    timestep_spacing: String,
+    timestep_spacing: Option<String>,
     variance_type: String,
     thresholding: bool,
     dynamic_thresholding_ratio: f64,
     sample_max_value: f64,
     rescale_betas_zero_snr: bool,
+    interpolation_type: String,
+    use_karras_sigmas: bool,
+    use_exponential_sigmas: bool,
+    use_beta_sigmas: bool,
+    timestep_type: String,
+    final_sigmas_type: String,
+    sigma_min: Option<f64>,
+    sigma_max: Option<f64>,
 }
 
 impl Default for RawSchedulerConfig {
@@ -143,12 +188,20 @@ impl Default for RawSchedulerConfig {
             set_alpha_to_one: d.set_alpha_to_one,
             steps_offset: d.steps_offset,
             prediction_type: PredictionType::CHOICES.name_of(d.prediction_type).into(),
-            timestep_spacing: TimestepSpacing::CHOICES.name_of(d.timestep_spacing).into(),
+            timestep_spacing: None,
             variance_type: VarianceType::CHOICES.name_of(d.variance_type).into(),
             thresholding: d.thresholding,
             dynamic_thresholding_ratio: d.dynamic_thresholding_ratio,
             sample_max_value: d.sample_max_value,
             rescale_betas_zero_snr: d.rescale_betas_zero_snr,
+            interpolation_type: "linear".into(),
+            use_karras_sigmas: false,
+            use_exponential_sigmas: false,
+            use_beta_sigmas: false,
+            timestep_type: "discrete".into(),
+            final_sigmas_type: "zero".into(),
+            sigma_min: None,
+            sigma_max: None,
         }
     }
 }
@@ -178,6 +231,32 @@ impl TryFrom<RawSchedulerConfig> for SchedulerConfig {
                 &format!("{} is not in [0, 1]", raw.dynamic_thresholding_ratio),
             ));
         }
+        // Sigma options diffusers has but ldm does not implement are refused, not ignored.
+        for (field, unsupported) in [
+            ("interpolation_type", raw.interpolation_type != "linear"),
+            ("use_exponential_sigmas", raw.use_exponential_sigmas),
+            ("use_beta_sigmas", raw.use_beta_sigmas),
+            ("timestep_type", raw.timestep_type != "discrete"),
+        ] {
+            if unsupported {
+                return Err(field_error(field, "has a value ldm does not support"));
+            }
+        }
+        let final_sigmas_type = match raw.final_sigmas_type.as_str() {
+            "zero" => FinalSigma::Zero,
+            "sigma_min" => FinalSigma::SigmaMin,
+            other => {
+                return Err(field_error(
+                    "final_sigmas_type",
+                    &format!("has unsupported value \"{other}\" (supported: zero, sigma_min)"),
+                ))
+            }
+        };
+        let timestep_spacing = raw
+            .timestep_spacing
+            .as_deref()
+            .map(|value| TimestepSpacing::CHOICES.parse("timestep_spacing", value))
+            .transpose()?;
         Ok(Self {
             num_train_timesteps: raw.num_train_timesteps,
             beta_start: raw.beta_start,
@@ -190,13 +269,20 @@ impl TryFrom<RawSchedulerConfig> for SchedulerConfig {
             steps_offset: raw.steps_offset,
             prediction_type: PredictionType::CHOICES
                 .parse("prediction_type", &raw.prediction_type)?,
-            timestep_spacing: TimestepSpacing::CHOICES
-                .parse("timestep_spacing", &raw.timestep_spacing)?,
+            timestep_spacing,
             variance_type: VarianceType::CHOICES.parse("variance_type", &raw.variance_type)?,
             thresholding: raw.thresholding,
             dynamic_thresholding_ratio: raw.dynamic_thresholding_ratio,
             sample_max_value: raw.sample_max_value,
             rescale_betas_zero_snr: raw.rescale_betas_zero_snr,
+            sigma_spacing: if raw.use_karras_sigmas {
+                SigmaSpacing::Karras
+            } else {
+                SigmaSpacing::Interpolated
+            },
+            final_sigmas_type,
+            sigma_min: raw.sigma_min,
+            sigma_max: raw.sigma_max,
         })
     }
 }
@@ -305,6 +391,8 @@ mod tests {
             (r#"{"prediction_type": "flow"}"#, "prediction_type"),
             (r#"{"timestep_spacing": "karras"}"#, "timestep_spacing"),
             (r#"{"variance_type": "huge"}"#, "variance_type"),
+            (r#"{"use_beta_sigmas": true}"#, "use_beta_sigmas"),
+            (r#"{"final_sigmas_type": "one"}"#, "final_sigmas_type"),
             (r#"{"num_train_timesteps": 0}"#, "num_train_timesteps"),
             (
                 r#"{"num_train_timesteps": 3, "trained_betas": [0.1, 0.2]}"#,

@@ -8,6 +8,7 @@
 mod config;
 mod ddim;
 mod ddpm;
+mod euler;
 mod noise_schedule;
 mod prediction;
 mod timesteps;
@@ -18,9 +19,13 @@ use std::str::FromStr;
 use candle_core::Tensor;
 use clap::ValueEnum;
 
-pub use config::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing, VarianceType};
+pub use config::{
+    BetaSchedule, FinalSigma, PredictionType, SchedulerConfig, SigmaSpacing, TimestepSpacing,
+    VarianceType,
+};
 pub use ddim::Ddim;
 pub use ddpm::Ddpm;
+pub use euler::Euler;
 pub use noise_schedule::NoiseSchedule;
 
 use crate::rng::NoiseSource;
@@ -72,6 +77,11 @@ pub struct StepOutput {
 pub enum SamplerKind {
     Ddim,
     Ddpm,
+    /// Euler's method on the probability-flow ODE (diffusers' `EulerDiscreteScheduler`).
+    Euler,
+    /// Euler with fresh noise at every step (`EulerAncestralDiscreteScheduler`).
+    #[value(name = "euler_a", aliases = ["euler-a", "euler-ancestral"])]
+    EulerA,
 }
 
 impl SamplerKind {
@@ -80,6 +90,8 @@ impl SamplerKind {
         match self {
             Self::Ddim => "DDIM",
             Self::Ddpm => "DDPM",
+            Self::Euler => "Euler",
+            Self::EulerA => "Euler a",
         }
     }
 }
@@ -111,7 +123,7 @@ impl FromStr for SamplerKind {
 }
 
 /// The `kind` sampler for `num_inference_steps` steps under `config`; `eta` is DDIM's noise
-/// weight (ignored by DDPM).
+/// weight (ignored by the others).
 pub fn build(
     kind: SamplerKind,
     config: &SchedulerConfig,
@@ -121,6 +133,8 @@ pub fn build(
     Ok(match kind {
         SamplerKind::Ddim => Box::new(Ddim::new(config, num_inference_steps, eta)?),
         SamplerKind::Ddpm => Box::new(Ddpm::new(config, num_inference_steps)?),
+        SamplerKind::Euler => Box::new(Euler::new(config, num_inference_steps, false)?),
+        SamplerKind::EulerA => Box::new(Euler::new(config, num_inference_steps, true)?),
     })
 }
 
@@ -136,6 +150,7 @@ mod tests {
         assert_eq!(SamplerKind::Ddim.to_string(), "ddim");
         assert_eq!("DDPM".parse::<SamplerKind>(), Ok(SamplerKind::Ddpm));
         let error = "euler_x".parse::<SamplerKind>().unwrap_err();
-        assert!(error.contains("ddim, ddpm"), "{error}");
+        assert!(error.contains("ddim, ddpm, euler, euler_a"), "{error}");
+        assert_eq!("Euler-A".parse::<SamplerKind>(), Ok(SamplerKind::EulerA));
     }
 }

@@ -1,5 +1,5 @@
-//! What DDIM and DDPM share: turning a model output into x̂₀ (and ε̂), then clipping or
-//! thresholding x̂₀.
+//! What the samplers share: f32 scalar arithmetic as torch does it, and (DDIM, DDPM) turning a
+//! model output into x̂₀ (and ε̂), then clipping or thresholding x̂₀.
 //!
 //! Step coefficients are host-side f32 scalars computed in the order diffusers computes its
 //! 0-d float32 tensors; each tensor op then rounds once per element, as torch does.
@@ -14,7 +14,7 @@ pub(super) fn scale(tensor: &Tensor, c: f32) -> Result<Tensor> {
 }
 
 /// `tensor / c` as a true division (not a product with 1/c), as torch computes it.
-fn divide(tensor: &Tensor, c: f32) -> Result<Tensor> {
+pub(super) fn divide(tensor: &Tensor, c: f32) -> Result<Tensor> {
     let divisor = Tensor::new(c, tensor.device())?.to_dtype(tensor.dtype())?;
     tensor.broadcast_div(&divisor)
 }

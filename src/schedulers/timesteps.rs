@@ -5,10 +5,54 @@ use candle_core::Result;
 
 use super::config::{SchedulerConfig, TimestepSpacing};
 
-/// `num_steps` descending training timesteps picked by `config.timestep_spacing`, with numpy's
-/// float arithmetic and round-half-to-even.
+/// `num_steps` descending training timesteps picked by `config.timestep_spacing` (DDIM's and
+/// DDPM's default: leading), with numpy's float arithmetic and round-half-to-even.
 pub(super) fn inference_timesteps(
     config: &SchedulerConfig,
+    num_steps: usize,
+) -> anyhow::Result<Vec<usize>> {
+    checked_timesteps(
+        config,
+        config.timestep_spacing_or(TimestepSpacing::Leading),
+        num_steps,
+    )
+}
+
+/// Euler's timesteps: float32 values, as its `set_timesteps` leaves them (default spacing:
+/// linspace, which is not rounded there).
+pub(super) fn euler_timesteps(
+    config: &SchedulerConfig,
+    num_steps: usize,
+) -> anyhow::Result<Vec<f32>> {
+    Ok(
+        match config.timestep_spacing_or(TimestepSpacing::Linspace) {
+            TimestepSpacing::Linspace => {
+                checked_timesteps(config, TimestepSpacing::Linspace, num_steps)?;
+                let last = (config.num_train_timesteps - 1) as f64;
+                let step = if num_steps > 1 {
+                    last / (num_steps - 1) as f64
+                } else {
+                    0.0
+                };
+                (0..num_steps)
+                    .rev()
+                    .map(|i| match i {
+                        _ if i == num_steps - 1 && num_steps > 1 => last as f32,
+                        _ => (i as f64 * step) as f32,
+                    })
+                    .collect()
+            }
+            spacing => checked_timesteps(config, spacing, num_steps)?
+                .into_iter()
+                .map(|t| t as f32)
+                .collect(),
+        },
+    )
+}
+
+fn checked_timesteps(
+    config: &SchedulerConfig,
+    spacing: TimestepSpacing,
     num_steps: usize,
 ) -> anyhow::Result<Vec<usize>> {
     let train = config.num_train_timesteps;
@@ -21,7 +65,7 @@ pub(super) fn inference_timesteps(
         "{num_steps} inference steps requested, but the scheduler was trained with only \
          {train} timesteps (num_train_timesteps)"
     );
-    let timesteps = match config.timestep_spacing {
+    let timesteps = match spacing {
         TimestepSpacing::Linspace => linspace(train, num_steps),
         TimestepSpacing::Leading => leading(train, num_steps, config.steps_offset),
         TimestepSpacing::Trailing => trailing(train, num_steps),
@@ -98,7 +142,7 @@ mod tests {
     fn spaced(spacing: TimestepSpacing, train: usize, steps: usize, offset: usize) -> Vec<usize> {
         let config = SchedulerConfig {
             num_train_timesteps: train,
-            timestep_spacing: spacing,
+            timestep_spacing: Some(spacing),
             steps_offset: offset,
             ..Default::default()
         };
