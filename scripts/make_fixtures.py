@@ -59,6 +59,7 @@ from diffusers import (  # noqa: E402
     AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
+    DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     StableDiffusionImg2ImgPipeline,
@@ -171,6 +172,10 @@ def scheduler_config(scheduler):
     """The dict diffusers writes to scheduler_config.json (class name included, version dropped)."""
     cfg = json.loads(scheduler.to_json_string())
     cfg.pop("_diffusers_version", None)
+    # DPM-Solver's default lambda_min_clipped is -inf, which strict JSON cannot hold (diffusers writes a bare
+    # -Infinity; ldm reads that too, see tests/schedulers.rs). Left out, it takes the same default.
+    if cfg.get("lambda_min_clipped") == float("-inf"):
+        del cfg["lambda_min_clipped"]
     return cfg
 
 
@@ -350,6 +355,7 @@ DRAWING_MODULES = [
     "diffusers.schedulers.scheduling_ddpm",
     "diffusers.schedulers.scheduling_euler_discrete",
     "diffusers.schedulers.scheduling_euler_ancestral_discrete",
+    "diffusers.schedulers.scheduling_dpmsolver_multistep",
     "diffusers.models.autoencoders.vae",
 ]
 
@@ -630,9 +636,25 @@ SCHEDULER_VARIANTS = [
     ("euler_a_sd15", EulerAncestralDiscreteScheduler, SD15_SCHEDULER, 10, None),
     ("euler_a_vpred_linspace", EulerAncestralDiscreteScheduler,
      dict(SD21_SCHEDULER, timestep_spacing="linspace", steps_offset=0), 7, None),
+    ("dpmpp_2m_sd15", DPMSolverMultistepScheduler, SD15_SCHEDULER, 10, None),
+    # {} = the class defaults: linear, linspace, order 2 midpoint, lower_order_final (not reached: 20 >= 15 steps)
+    ("dpmpp_2m_defaults_20", DPMSolverMultistepScheduler, {}, 20, None),
+    ("dpmpp_2m_sd21_vpred_karras", DPMSolverMultistepScheduler, dict(SD21_SCHEDULER, use_karras_sigmas=True), 10, None),
+    ("dpmpp_2m_heun_trailing_sigma_min", DPMSolverMultistepScheduler,
+     dict(SD15_SCHEDULER, timestep_spacing="trailing", steps_offset=0, solver_type="heun",
+          final_sigmas_type="sigma_min", lower_order_final=False), 7, None),
+    ("dpmpp_2m_sde_sd15", DPMSolverMultistepScheduler, dict(SD15_SCHEDULER, algorithm_type="sde-dpmsolver++"),
+     10, None),
+    ("dpmpp_2m_sde_heun_vpred_trailing", DPMSolverMultistepScheduler,
+     dict(SD21_SCHEDULER, algorithm_type="sde-dpmsolver++", solver_type="heun", timestep_spacing="trailing",
+          steps_offset=0), 7, None),
+    ("dpmpp_1_vpred_zero_snr", DPMSolverMultistepScheduler,
+     dict(SD21_SCHEDULER, solver_order=1, rescale_betas_zero_snr=True, timestep_spacing="trailing", steps_offset=0),
+     8, None),
 ]
 
-EULER_CLASSES = (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler)
+# Schedulers that walk sigmas: no get_velocity, add_noise at the pipeline's begin index.
+SIGMA_CLASSES = (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler)
 
 
 def prev_timestep(scheduler, t):
@@ -642,7 +664,7 @@ def prev_timestep(scheduler, t):
     return int(scheduler.previous_timestep(t))
 
 
-EULER_ADD_NOISE_STEP = 3
+SIGMA_ADD_NOISE_STEP = 3
 
 
 def case_scheduler(index, name, cls, config, steps, eta):
@@ -664,7 +686,9 @@ def case_scheduler(index, name, cls, config, steps, eta):
         if eta is not None:
             kwargs["eta"] = eta
         with DrawRecorder([step_noise]) as draws:
-            prev, pred_x0 = scheduler.step(model_output, t, sample, return_dict=False, **kwargs)
+            out = scheduler.step(model_output, t, sample, return_dict=False, **kwargs)
+        # DPM-Solver returns only prev_sample; its x0 prediction is the converted model output it keeps.
+        prev, pred_x0 = (out[0], scheduler.model_outputs[-1]) if len(out) == 1 else out
         assert len(draws.draws) <= 1
         noise = draws.draws[0]["tensor"] if draws.draws else torch.zeros(shape)
         noise_drawn.append(bool(draws.draws))
@@ -682,12 +706,12 @@ def case_scheduler(index, name, cls, config, steps, eta):
     tensors.update({"timesteps": scheduler.timesteps, "alphas_cumprod": scheduler.alphas_cumprod,
                     "betas": scheduler.betas, "scaled_input": torch.stack(scaled_inputs),
                     "add_noise_original": add_original, "add_noise_noise": add_noise})
-    if isinstance(scheduler, EULER_CLASSES):
-        # Euler's add_noise uses the sigma of the pipeline's begin index (img2img), whatever the rows.
+    if isinstance(scheduler, SIGMA_CLASSES):
+        # add_noise uses the sigma of the pipeline's begin index (img2img), whatever the rows.
         fresh = cls.from_config(config)
         fresh.set_timesteps(steps)
-        fresh.set_begin_index(EULER_ADD_NOISE_STEP)
-        rows = fresh.timesteps[EULER_ADD_NOISE_STEP].repeat(2)
+        fresh.set_begin_index(SIGMA_ADD_NOISE_STEP)
+        rows = fresh.timesteps[SIGMA_ADD_NOISE_STEP].repeat(2)
         tensors.update({"sigmas": scheduler.sigmas,
                         "add_noise_out": fresh.add_noise(add_original, add_noise, rows)})
     else:
@@ -709,8 +733,8 @@ def case_scheduler(index, name, cls, config, steps, eta):
         "inputs_order": "x_T = randn([1,4,8,8]) * init_noise_sigma, then model_output[i] = randn([1,4,8,8]) per "
                         "step, then add_noise_original, add_noise_noise ([2,4,8,8]), all from Generator(inputs_seed)",
     }
-    if isinstance(scheduler, EULER_CLASSES):
-        meta["add_noise_step"] = EULER_ADD_NOISE_STEP
+    if isinstance(scheduler, SIGMA_CLASSES):
+        meta["add_noise_step"] = SIGMA_ADD_NOISE_STEP
     else:
         meta["prev_timesteps"] = [prev_timestep(scheduler, t) for t in scheduler.timesteps]
     if isinstance(scheduler, DDIMScheduler):
@@ -858,6 +882,11 @@ def txt2img_cases(sd1, sd2):
          "generator."),
         ("txt2img_sd2_euler", sd2, EulerDiscreteScheduler.from_config(ddim2.config), [1011], {},
          "SD2 (v_prediction), EulerDiscreteScheduler.from_config(DDIM config)."),
+        ("txt2img_sd1_dpmpp_2m", sd1, DPMSolverMultistepScheduler.from_config(ddim1.config), [1012], {},
+         "SD1, DPMSolverMultistepScheduler.from_config(DDIM config): DPM-Solver++ 2M, leading spacing."),
+        ("txt2img_sd2_dpmpp_2m_sde", sd2,
+         DPMSolverMultistepScheduler.from_config(ddim2.config, algorithm_type="sde-dpmsolver++"), [1013], {},
+         "SD2 (v_prediction), DPM-Solver++ 2M SDE: noise drawn at every step."),
     ]
     for name, pipe, scheduler, seeds, overrides, description in cases:
         pipe.scheduler = scheduler

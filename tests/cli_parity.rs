@@ -62,6 +62,14 @@ const CASES: &[Case] = &[
         model: "tiny-sd2",
     },
     Case {
+        name: "txt2img_sd1_dpmpp_2m",
+        model: "tiny-sd1",
+    },
+    Case {
+        name: "txt2img_sd2_dpmpp_2m_sde",
+        model: "tiny-sd2",
+    },
+    Case {
         name: "img2img_sd1_ddim",
         model: "tiny-sd1",
     },
@@ -89,6 +97,12 @@ fn command_for(case: &Case, json: &serde_json::Value, out: &Path) -> Command {
         "DDPMScheduler" => "ddpm",
         "EulerDiscreteScheduler" => "euler",
         "EulerAncestralDiscreteScheduler" => "euler_a",
+        "DPMSolverMultistepScheduler" => {
+            match json["scheduler_config"]["algorithm_type"].as_str() {
+                Some("sde-dpmsolver++") => "dpmpp_2m_sde",
+                _ => "dpmpp_2m",
+            }
+        }
         other => panic!("unknown scheduler {other}"),
     };
     let seeds = json["seeds"].as_array().unwrap();

@@ -57,6 +57,21 @@ pub enum FinalSigma {
     SigmaMin,
 }
 
+/// DPM-Solver's settings (`DPMSolverMultistepScheduler`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DpmSolverOptions {
+    /// "sde-dpmsolver++": fresh noise at every step (else "dpmsolver++", deterministic).
+    pub stochastic: bool,
+    /// 1 or 2: how many model outputs a step combines.
+    pub order: usize,
+    /// The second-order correction: "heun" (else "midpoint").
+    pub heun: bool,
+    /// First-order last steps when there are fewer than 15 steps.
+    pub lower_order_final: bool,
+    /// A first-order (Euler) last step whatever the step count.
+    pub euler_at_final: bool,
+}
+
 /// DDPM's posterior variance (ignored by DDIM).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VarianceType {
@@ -94,12 +109,8 @@ pub struct SchedulerConfig {
     pub dynamic_thresholding_ratio: f64,
     pub sample_max_value: f64,
     pub rescale_betas_zero_snr: bool,
-    /// Euler samplers: sigma placement, the last sigma, and Karras' bounds (`sigma_min`,
-    /// `sigma_max`; default the schedule's own).
-    pub sigma_spacing: SigmaSpacing,
-    pub final_sigmas_type: FinalSigma,
-    pub sigma_min: Option<f64>,
-    pub sigma_max: Option<f64>,
+    /// What only the Euler and DPM-Solver samplers read.
+    pub sigma_sampler: SigmaSamplerSettings,
 }
 
 impl SchedulerConfig {
@@ -128,12 +139,115 @@ impl Default for SchedulerConfig {
             dynamic_thresholding_ratio: 0.995,
             sample_max_value: 1.0,
             rescale_betas_zero_snr: false,
-            sigma_spacing: SigmaSpacing::Interpolated,
-            final_sigmas_type: FinalSigma::Zero,
-            sigma_min: None,
-            sigma_max: None,
+            sigma_sampler: SigmaSamplerSettings::default(),
         }
     }
+}
+
+/// The settings of diffusers' sigma-based schedulers (Euler, DPM-Solver), kept as written:
+/// other samplers ignore them, as diffusers' `from_config` does, and a value ldm does not
+/// implement is refused only when such a sampler is built.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct SigmaSamplerSettings {
+    pub use_karras_sigmas: bool,
+    pub use_exponential_sigmas: bool,
+    pub use_beta_sigmas: bool,
+    pub interpolation_type: String,
+    pub timestep_type: String,
+    pub final_sigmas_type: String,
+    /// Karras' bounds; default the schedule's own.
+    pub sigma_min: Option<f64>,
+    pub sigma_max: Option<f64>,
+    pub algorithm_type: String,
+    pub solver_order: usize,
+    pub solver_type: String,
+    pub lower_order_final: bool,
+    pub euler_at_final: bool,
+    pub lambda_min_clipped: f64,
+}
+
+impl Default for SigmaSamplerSettings {
+    fn default() -> Self {
+        Self {
+            use_karras_sigmas: false,
+            use_exponential_sigmas: false,
+            use_beta_sigmas: false,
+            interpolation_type: "linear".into(),
+            timestep_type: "discrete".into(),
+            final_sigmas_type: "zero".into(),
+            sigma_min: None,
+            sigma_max: None,
+            algorithm_type: "dpmsolver++".into(),
+            solver_order: 2,
+            solver_type: "midpoint".into(),
+            lower_order_final: true,
+            euler_at_final: false,
+            lambda_min_clipped: f64::NEG_INFINITY,
+        }
+    }
+}
+
+impl SigmaSamplerSettings {
+    /// How the sigmas are spaced; exponential, beta and log-linear spacing and continuous
+    /// timesteps are not implemented.
+    pub fn sigma_spacing(&self) -> anyhow::Result<SigmaSpacing> {
+        for (field, unsupported) in [
+            ("use_exponential_sigmas", self.use_exponential_sigmas),
+            ("use_beta_sigmas", self.use_beta_sigmas),
+            ("interpolation_type", self.interpolation_type != "linear"),
+            ("timestep_type", self.timestep_type != "discrete"),
+        ] {
+            anyhow::ensure!(!unsupported, "{}", unsupported_setting(field));
+        }
+        Ok(if self.use_karras_sigmas {
+            SigmaSpacing::Karras
+        } else {
+            SigmaSpacing::Interpolated
+        })
+    }
+
+    pub fn final_sigma(&self) -> anyhow::Result<FinalSigma> {
+        match self.final_sigmas_type.as_str() {
+            "zero" => Ok(FinalSigma::Zero),
+            "sigma_min" => Ok(FinalSigma::SigmaMin),
+            _ => anyhow::bail!("{}", unsupported_setting("final_sigmas_type")),
+        }
+    }
+
+    /// DPM-Solver++ (data prediction), ODE or SDE, order 1 or 2; diffusers itself maps "deis" to
+    /// "dpmsolver++" and "logrho"/"bh1"/"bh2" to "midpoint".
+    pub fn dpm_solver(&self) -> anyhow::Result<DpmSolverOptions> {
+        let algorithm = self.algorithm_type.as_str();
+        for (field, unsupported) in [
+            (
+                "algorithm_type",
+                !["dpmsolver++", "sde-dpmsolver++", "deis"].contains(&algorithm),
+            ),
+            ("solver_order", !(1..=2).contains(&self.solver_order)),
+            (
+                "solver_type",
+                !["midpoint", "heun", "logrho", "bh1", "bh2"].contains(&self.solver_type.as_str()),
+            ),
+            (
+                "lambda_min_clipped",
+                self.lambda_min_clipped != f64::NEG_INFINITY,
+            ),
+        ] {
+            anyhow::ensure!(!unsupported, "{}", unsupported_setting(field));
+        }
+        Ok(DpmSolverOptions {
+            stochastic: algorithm == "sde-dpmsolver++",
+            order: self.solver_order,
+            heun: self.solver_type == "heun",
+            lower_order_final: self.lower_order_final,
+            euler_at_final: self.euler_at_final,
+        })
+    }
+}
+
+fn unsupported_setting(field: &str) -> String {
+    field_error(field, "has a value this sampler does not support in ldm")
 }
 
 impl SchedulerConfig {
@@ -159,19 +273,14 @@ struct RawSchedulerConfig {
     steps_offset: usize,
     prediction_type: String,
     timestep_spacing: Option<String>,
-    variance_type: String,
+    /// `null` in DPM-Solver configs: DDPM's default then.
+    variance_type: Option<String>,
     thresholding: bool,
     dynamic_thresholding_ratio: f64,
     sample_max_value: f64,
     rescale_betas_zero_snr: bool,
-    interpolation_type: String,
-    use_karras_sigmas: bool,
-    use_exponential_sigmas: bool,
-    use_beta_sigmas: bool,
-    timestep_type: String,
-    final_sigmas_type: String,
-    sigma_min: Option<f64>,
-    sigma_max: Option<f64>,
+    #[serde(flatten)]
+    sigma_sampler: SigmaSamplerSettings,
 }
 
 impl Default for RawSchedulerConfig {
@@ -189,19 +298,12 @@ impl Default for RawSchedulerConfig {
             steps_offset: d.steps_offset,
             prediction_type: PredictionType::CHOICES.name_of(d.prediction_type).into(),
             timestep_spacing: None,
-            variance_type: VarianceType::CHOICES.name_of(d.variance_type).into(),
+            variance_type: None,
             thresholding: d.thresholding,
             dynamic_thresholding_ratio: d.dynamic_thresholding_ratio,
             sample_max_value: d.sample_max_value,
             rescale_betas_zero_snr: d.rescale_betas_zero_snr,
-            interpolation_type: "linear".into(),
-            use_karras_sigmas: false,
-            use_exponential_sigmas: false,
-            use_beta_sigmas: false,
-            timestep_type: "discrete".into(),
-            final_sigmas_type: "zero".into(),
-            sigma_min: None,
-            sigma_max: None,
+            sigma_sampler: d.sigma_sampler,
         }
     }
 }
@@ -231,27 +333,6 @@ impl TryFrom<RawSchedulerConfig> for SchedulerConfig {
                 &format!("{} is not in [0, 1]", raw.dynamic_thresholding_ratio),
             ));
         }
-        // Sigma options diffusers has but ldm does not implement are refused, not ignored.
-        for (field, unsupported) in [
-            ("interpolation_type", raw.interpolation_type != "linear"),
-            ("use_exponential_sigmas", raw.use_exponential_sigmas),
-            ("use_beta_sigmas", raw.use_beta_sigmas),
-            ("timestep_type", raw.timestep_type != "discrete"),
-        ] {
-            if unsupported {
-                return Err(field_error(field, "has a value ldm does not support"));
-            }
-        }
-        let final_sigmas_type = match raw.final_sigmas_type.as_str() {
-            "zero" => FinalSigma::Zero,
-            "sigma_min" => FinalSigma::SigmaMin,
-            other => {
-                return Err(field_error(
-                    "final_sigmas_type",
-                    &format!("has unsupported value \"{other}\" (supported: zero, sigma_min)"),
-                ))
-            }
-        };
         let timestep_spacing = raw
             .timestep_spacing
             .as_deref()
@@ -270,19 +351,15 @@ impl TryFrom<RawSchedulerConfig> for SchedulerConfig {
             prediction_type: PredictionType::CHOICES
                 .parse("prediction_type", &raw.prediction_type)?,
             timestep_spacing,
-            variance_type: VarianceType::CHOICES.parse("variance_type", &raw.variance_type)?,
+            variance_type: match raw.variance_type.as_deref() {
+                Some(value) => VarianceType::CHOICES.parse("variance_type", value)?,
+                None => VarianceType::FixedSmall,
+            },
             thresholding: raw.thresholding,
             dynamic_thresholding_ratio: raw.dynamic_thresholding_ratio,
             sample_max_value: raw.sample_max_value,
             rescale_betas_zero_snr: raw.rescale_betas_zero_snr,
-            sigma_spacing: if raw.use_karras_sigmas {
-                SigmaSpacing::Karras
-            } else {
-                SigmaSpacing::Interpolated
-            },
-            final_sigmas_type,
-            sigma_min: raw.sigma_min,
-            sigma_max: raw.sigma_max,
+            sigma_sampler: raw.sigma_sampler,
         })
     }
 }
@@ -391,8 +468,6 @@ mod tests {
             (r#"{"prediction_type": "flow"}"#, "prediction_type"),
             (r#"{"timestep_spacing": "karras"}"#, "timestep_spacing"),
             (r#"{"variance_type": "huge"}"#, "variance_type"),
-            (r#"{"use_beta_sigmas": true}"#, "use_beta_sigmas"),
-            (r#"{"final_sigmas_type": "one"}"#, "final_sigmas_type"),
             (r#"{"num_train_timesteps": 0}"#, "num_train_timesteps"),
             (
                 r#"{"num_train_timesteps": 3, "trained_betas": [0.1, 0.2]}"#,

@@ -12,13 +12,10 @@ use anyhow::ensure;
 use candle_core::{Result, Tensor};
 
 use super::config::{FinalSigma, PredictionType, SchedulerConfig, SigmaSpacing};
-use super::noise_schedule::NoiseSchedule;
 use super::prediction::{divide, scale};
+use super::sigmas::{interpolate, karras_sigmas, log_sigmas, sigma_to_timestep, training_sigmas};
 use super::{timesteps, Scheduler, StepOutput};
 use crate::rng::NoiseSource;
-
-/// Karras' ρ, which diffusers fixes.
-const KARRAS_RHO: f64 = 7.0;
 
 pub struct Euler {
     timesteps: Vec<f64>,
@@ -40,8 +37,9 @@ impl Euler {
             !(ancestral && config.prediction_type == PredictionType::Sample),
             "Euler a does not support prediction_type \"sample\" (neither does diffusers)"
         );
+        let spacing = config.sigma_sampler.sigma_spacing()?;
         ensure!(
-            !(ancestral && config.sigma_spacing == SigmaSpacing::Karras),
+            !(ancestral && spacing == SigmaSpacing::Karras),
             "Euler a has no Karras sigmas in diffusers; use euler"
         );
         let train_sigmas = training_sigmas(config);
@@ -50,19 +48,19 @@ impl Euler {
             .iter()
             .map(|&t| interpolate(&train_sigmas, t as f64))
             .collect();
-        let timesteps = match config.sigma_spacing {
+        let timesteps = match spacing {
             SigmaSpacing::Interpolated => timesteps.iter().map(|&t| t as f64).collect(),
             SigmaSpacing::Karras => {
-                sigmas = karras_sigmas(config, &sigmas);
-                // numpy takes these logs in float32.
-                let log_sigmas: Vec<f64> = train_sigmas.iter().map(|&s| s.ln() as f64).collect();
+                let (first, last) = (sigmas[0], sigmas[sigmas.len() - 1]);
+                sigmas = karras_sigmas(config, last, first, sigmas.len());
+                let log_sigmas = log_sigmas(&train_sigmas);
                 sigmas
                     .iter()
                     .map(|&s| sigma_to_timestep(s, &log_sigmas) as f32 as f64)
                     .collect()
             }
         };
-        let last = match config.final_sigmas_type {
+        let last = match config.sigma_sampler.final_sigma()? {
             FinalSigma::Zero => 0.0,
             FinalSigma::SigmaMin if !ancestral => train_sigmas[0] as f64,
             FinalSigma::SigmaMin => 0.0,
@@ -110,74 +108,6 @@ impl Euler {
             PredictionType::Sample => Ok(model_output.clone()),
         }
     }
-}
-
-/// σ_t = sqrt((1 − ᾱ_t)/ᾱ_t) in float32 for every training timestep; zero-SNR schedules get
-/// ᾱ_T = 2⁻²⁴ first, as diffusers' Euler schedulers do, so σ_T stays finite.
-fn training_sigmas(config: &SchedulerConfig) -> Vec<f32> {
-    let schedule = NoiseSchedule::new(config);
-    let mut alphas = schedule.alphas_cumprod().to_vec();
-    if config.rescale_betas_zero_snr {
-        if let Some(last) = alphas.last_mut() {
-            *last = 2f32.powi(-24);
-        }
-    }
-    alphas.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect()
-}
-
-/// `np.interp(t, arange(len), sigmas)`.
-fn interpolate(sigmas: &[f32], t: f64) -> f64 {
-    let last = sigmas.len() - 1;
-    if t <= 0.0 {
-        return sigmas[0] as f64;
-    }
-    if t >= last as f64 {
-        return sigmas[last] as f64;
-    }
-    let low = t.floor() as usize;
-    let (a, b) = (sigmas[low] as f64, sigmas[low + 1] as f64);
-    if t == low as f64 {
-        return a;
-    }
-    (b - a) * (t - low as f64) + a
-}
-
-/// Karras et al.'s spacing between the interpolated sigmas' ends (or the config's bounds):
-/// (σ_max^(1/ρ) + r·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ for r = linspace(0, 1, n).
-fn karras_sigmas(config: &SchedulerConfig, sigmas: &[f64]) -> Vec<f64> {
-    let n = sigmas.len();
-    let sigma_min = config.sigma_min.unwrap_or(sigmas[n - 1]);
-    let sigma_max = config.sigma_max.unwrap_or(sigmas[0]);
-    let (min_inv, max_inv) = (
-        sigma_min.powf(1.0 / KARRAS_RHO),
-        sigma_max.powf(1.0 / KARRAS_RHO),
-    );
-    (0..n)
-        .map(|i| {
-            let ramp = if n > 1 {
-                if i == n - 1 {
-                    1.0
-                } else {
-                    i as f64 * (1.0 / (n - 1) as f64)
-                }
-            } else {
-                0.0
-            };
-            (max_inv + ramp * (min_inv - max_inv)).powf(KARRAS_RHO)
-        })
-        .collect()
-}
-
-/// The fractional training timestep of a sigma, interpolating linearly in log-sigma between
-/// the two training timesteps around it (diffusers' `_sigma_to_t`).
-fn sigma_to_timestep(sigma: f64, log_sigmas: &[f64]) -> f64 {
-    let log_sigma = sigma.max(1e-10).ln();
-    // The last training timestep whose log-sigma is at most `log_sigma`, kept below the end.
-    let at_most = log_sigmas.iter().filter(|&&l| log_sigma - l >= 0.0).count();
-    let low = at_most.saturating_sub(1).min(log_sigmas.len() - 2);
-    let (low_log, high_log) = (log_sigmas[low], log_sigmas[low + 1]);
-    let w = ((low_log - log_sigma) / (low_log - high_log)).clamp(0.0, 1.0);
-    (1.0 - w) * low as f64 + w * (low + 1) as f64
 }
 
 impl Scheduler for Euler {
@@ -228,30 +158,5 @@ impl Scheduler for Euler {
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
         let (sigma, _) = self.sigma(step_index)?;
         original + scale(noise, sigma)?
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn interpolation_matches_numpy_interp() {
-        let sigmas = [1.0f32, 3.0, 7.0];
-        assert_eq!(interpolate(&sigmas, 0.0), 1.0);
-        assert_eq!(interpolate(&sigmas, 0.5), 2.0);
-        assert_eq!(interpolate(&sigmas, 1.25), 4.0);
-        assert_eq!(interpolate(&sigmas, 2.0), 7.0);
-        assert_eq!(interpolate(&sigmas, 5.0), 7.0);
-    }
-
-    #[test]
-    fn sigma_to_timestep_inverts_the_training_sigmas() {
-        let log_sigmas: Vec<f64> = [0.1f64, 0.5, 2.0, 9.0].iter().map(|s| s.ln()).collect();
-        assert_eq!(sigma_to_timestep(0.5, &log_sigmas), 1.0);
-        assert_eq!(sigma_to_timestep(9.0, &log_sigmas), 3.0);
-        assert_eq!(sigma_to_timestep(0.01, &log_sigmas), 0.0);
-        let halfway = (0.5f64 * 2.0).sqrt(); // geometric mean: halfway in log space
-        assert!((sigma_to_timestep(halfway, &log_sigmas) - 1.5).abs() < 1e-12);
     }
 }

@@ -8,9 +8,11 @@
 mod config;
 mod ddim;
 mod ddpm;
+mod dpm_solver;
 mod euler;
 mod noise_schedule;
 mod prediction;
+mod sigmas;
 mod timesteps;
 
 use std::fmt;
@@ -20,11 +22,12 @@ use candle_core::Tensor;
 use clap::ValueEnum;
 
 pub use config::{
-    BetaSchedule, FinalSigma, PredictionType, SchedulerConfig, SigmaSpacing, TimestepSpacing,
-    VarianceType,
+    BetaSchedule, DpmSolverOptions, FinalSigma, PredictionType, SchedulerConfig,
+    SigmaSamplerSettings, SigmaSpacing, TimestepSpacing, VarianceType,
 };
 pub use ddim::Ddim;
 pub use ddpm::Ddpm;
+pub use dpm_solver::DpmSolver;
 pub use euler::Euler;
 pub use noise_schedule::NoiseSchedule;
 
@@ -82,9 +85,24 @@ pub enum SamplerKind {
     /// Euler with fresh noise at every step (`EulerAncestralDiscreteScheduler`).
     #[value(name = "euler_a", aliases = ["euler-a", "euler-ancestral"])]
     EulerA,
+    /// DPM-Solver++ 2M (`DPMSolverMultistepScheduler`), with the config's solver settings.
+    #[value(name = "dpmpp_2m", aliases = ["dpm++2m", "dpmpp-2m", "dpm-solver"])]
+    DpmPp2m,
+    /// DPM-Solver++ 2M SDE: the same with `algorithm_type` "sde-dpmsolver++".
+    #[value(name = "dpmpp_2m_sde", aliases = ["dpm++2m-sde", "dpmpp-2m-sde"])]
+    DpmPp2mSde,
 }
 
 impl SamplerKind {
+    pub const ALL: [Self; 6] = [
+        Self::Ddim,
+        Self::Ddpm,
+        Self::Euler,
+        Self::EulerA,
+        Self::DpmPp2m,
+        Self::DpmPp2mSde,
+    ];
+
     /// The name A1111 infotext uses ("DDIM", ...).
     pub fn display_name(self) -> &'static str {
         match self {
@@ -92,6 +110,8 @@ impl SamplerKind {
             Self::Ddpm => "DDPM",
             Self::Euler => "Euler",
             Self::EulerA => "Euler a",
+            Self::DpmPp2m => "DPM++ 2M",
+            Self::DpmPp2mSde => "DPM++ 2M SDE",
         }
     }
 }
@@ -135,6 +155,16 @@ pub fn build(
         SamplerKind::Ddpm => Box::new(Ddpm::new(config, num_inference_steps)?),
         SamplerKind::Euler => Box::new(Euler::new(config, num_inference_steps, false)?),
         SamplerKind::EulerA => Box::new(Euler::new(config, num_inference_steps, true)?),
+        SamplerKind::DpmPp2m | SamplerKind::DpmPp2mSde => {
+            let stochastic = kind == SamplerKind::DpmPp2mSde;
+            let mut config = config.clone();
+            config.sigma_sampler.algorithm_type = match stochastic {
+                true => "sde-dpmsolver++",
+                false => "dpmsolver++",
+            }
+            .into();
+            Box::new(DpmSolver::new(&config, num_inference_steps)?)
+        }
     })
 }
 
@@ -150,7 +180,10 @@ mod tests {
         assert_eq!(SamplerKind::Ddim.to_string(), "ddim");
         assert_eq!("DDPM".parse::<SamplerKind>(), Ok(SamplerKind::Ddpm));
         let error = "euler_x".parse::<SamplerKind>().unwrap_err();
-        assert!(error.contains("ddim, ddpm, euler, euler_a"), "{error}");
+        assert!(
+            error.contains("ddim, ddpm, euler, euler_a, dpmpp_2m, dpmpp_2m_sde"),
+            "{error}"
+        );
         assert_eq!("Euler-A".parse::<SamplerKind>(), Ok(SamplerKind::EulerA));
     }
 }

@@ -50,6 +50,37 @@ pub(super) fn euler_timesteps(
     )
 }
 
+/// DPM-Solver's timesteps: n + 1 points spread over the training range, the last (0) dropped
+/// (default spacing: linspace, rounded).
+pub(super) fn dpm_solver_timesteps(
+    config: &SchedulerConfig,
+    num_steps: usize,
+) -> anyhow::Result<Vec<usize>> {
+    let train = config.num_train_timesteps;
+    ensure!(
+        (1..=train).contains(&num_steps),
+        "{num_steps} inference steps requested: DPM-Solver takes 1 to {train} (num_train_timesteps)"
+    );
+    let timesteps = match config.timestep_spacing_or(TimestepSpacing::Linspace) {
+        TimestepSpacing::Linspace => linspace(train, num_steps + 1)[..num_steps].to_vec(),
+        TimestepSpacing::Leading => {
+            let ratio = train / (num_steps + 1);
+            (1..=num_steps)
+                .rev()
+                .map(|i| i * ratio + config.steps_offset)
+                .collect()
+        }
+        TimestepSpacing::Trailing => trailing(train, num_steps),
+    };
+    if let Some(t) = timesteps.iter().find(|&&t| t >= train) {
+        bail!(
+            "timestep {t} is past the last training timestep {}",
+            train - 1
+        );
+    }
+    Ok(timesteps)
+}
+
 fn checked_timesteps(
     config: &SchedulerConfig,
     spacing: TimestepSpacing,
