@@ -59,7 +59,7 @@ fi
 # No --flip: captions such as "facing right" would be wrong for mirrored images.
 # v-prediction on a zero-terminal-SNR schedule: on SD's schedule the white emoji backgrounds
 # leak through t = 999, and a model trained so cannot start from pure noise (v0 of this model).
-unet_steps="${UNET_STEPS:-3000}"
+unet_steps="${UNET_STEPS:-2250}"
 if [[ ! -f "$work/pipeline/.done" ]]; then
     "$ldm" train --data "$work/data/train" --vae "$work/vae" --tokenizer "$work/tokenizer" \
         --output "$work/pipeline" $(resume_flag "$work/pipeline") \
