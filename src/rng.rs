@@ -11,6 +11,11 @@ use candle_core::{DType, Device, Result, Shape, Tensor};
 pub trait NoiseSource {
     /// A tensor of shape `shape` (batch first) drawn from N(0, 1).
     fn randn(&mut self, shape: &Shape, dtype: DType, device: &Device) -> Result<Tensor>;
+
+    /// N(0, 1) noise with `like`'s shape, dtype and device (a sampler's per-step noise).
+    fn randn_like(&mut self, like: &Tensor) -> Result<Tensor> {
+        self.randn(like.shape(), like.dtype(), like.device())
+    }
 }
 
 /// Mersenne Twister MT19937, the engine behind `torch.Generator("cpu")`.

@@ -90,11 +90,7 @@ impl Scheduler for Ddim {
         let direction = scale(&epsilon, (1.0 - alpha_prev - std_dev * std_dev).sqrt())?;
         let mut prev_sample = (scale(&original, alpha_prev.sqrt())? + direction)?;
         if self.eta > 0.0 {
-            let variance_noise = noise.randn(
-                model_output.shape(),
-                model_output.dtype(),
-                model_output.device(),
-            )?;
+            let variance_noise = noise.randn_like(model_output)?;
             prev_sample = (prev_sample + scale(&variance_noise, std_dev)?)?;
         }
         Ok(StepOutput {

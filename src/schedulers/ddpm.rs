@@ -134,11 +134,7 @@ impl Scheduler for Ddpm {
         let sample_coeff = current_alpha.sqrt() * beta_prod_prev / beta_prod_t;
         let mut prev_sample = (scale(&original, original_coeff)? + scale(sample, sample_coeff)?)?;
         if t > 0 {
-            let variance_noise = noise.randn(
-                model_output.shape(),
-                model_output.dtype(),
-                model_output.device(),
-            )?;
+            let variance_noise = noise.randn_like(&model_output)?;
             let noise_term = self.noise_term(
                 &variance_noise,
                 predicted_variance.as_ref(),

@@ -161,11 +161,7 @@ impl Scheduler for DpmSolver {
         let original = self.original_sample(model_output, sample, sigma_s0)?;
         let previous = self.previous_original.replace(original.clone());
         let fresh = if self.options.stochastic {
-            Some(noise.randn(
-                model_output.shape(),
-                model_output.dtype(),
-                model_output.device(),
-            )?)
+            Some(noise.randn_like(model_output)?)
         } else {
             None
         };

@@ -142,11 +142,7 @@ impl Scheduler for Euler {
         };
         let mut prev_sample = (sample + scale(&derivative, target - sigma)?)?;
         if let Some(up) = noise_scale {
-            let fresh = noise.randn(
-                model_output.shape(),
-                model_output.dtype(),
-                model_output.device(),
-            )?;
+            let fresh = noise.randn_like(model_output)?;
             prev_sample = (prev_sample + scale(&fresh, up)?)?;
         }
         Ok(StepOutput {
