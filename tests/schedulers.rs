@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Result, Shape, Tensor};
+use clap::ValueEnum;
 use ldm::rng::NoiseSource;
 use ldm::schedulers::{self, NoiseSchedule, SamplerKind, SchedulerConfig, SigmaSpacing};
 
@@ -398,7 +399,7 @@ fn pipeline_scheduler_configs_parse() {
     for model in ["tiny-sd1", "tiny-sd2", "tiny-inpaint"] {
         let path = common::fixture(&format!("{model}/scheduler/scheduler_config.json"));
         let config = SchedulerConfig::from_file(&path).unwrap();
-        for kind in SamplerKind::ALL {
+        for &kind in SamplerKind::value_variants() {
             let scheduler = schedulers::build(kind, &config, 10, 0.0).unwrap();
             assert_eq!(scheduler.timesteps().len(), 10, "{model} {kind}");
         }
@@ -419,7 +420,7 @@ fn dpm_solver_configs_as_diffusers_writes_them() {
     );
     let config = SchedulerConfig::from_file(&path).unwrap();
     assert_eq!(config.sigma_sampler.lambda_min_clipped, f64::NEG_INFINITY);
-    for kind in SamplerKind::ALL {
+    for &kind in SamplerKind::value_variants() {
         assert!(schedulers::build(kind, &config, 20, 0.0).is_ok(), "{kind}");
     }
     let path = write_config(&dir, r#"{"solver_order": 3, "use_beta_sigmas": true}"#);

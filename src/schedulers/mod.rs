@@ -94,15 +94,6 @@ pub enum SamplerKind {
 }
 
 impl SamplerKind {
-    pub const ALL: [Self; 6] = [
-        Self::Ddim,
-        Self::Ddpm,
-        Self::Euler,
-        Self::EulerA,
-        Self::DpmPp2m,
-        Self::DpmPp2mSde,
-    ];
-
     /// The name A1111 infotext uses ("DDIM", ...).
     pub fn display_name(self) -> &'static str {
         match self {
