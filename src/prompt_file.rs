@@ -66,6 +66,7 @@ pub struct Overrides {
     pub steps: Option<usize>,
     #[serde(alias = "cfg_scale")]
     pub guidance_scale: Option<f64>,
+    pub guidance_rescale: Option<f64>,
     pub width: Option<usize>,
     pub height: Option<usize>,
     #[serde(alias = "sampler")]
@@ -91,6 +92,11 @@ impl Overrides {
             if value == Some(0) {
                 return Err(format!("\"{name}\" must be at least 1"));
             }
+        }
+        if let Some(phi) = self.guidance_rescale.filter(|p| !(0.0..=1.0).contains(p)) {
+            return Err(format!(
+                "\"guidance_rescale\" must be between 0 and 1, got {phi}"
+            ));
         }
         if let Some(strength) = self.strength.filter(|s| !(0.0..=1.0).contains(s)) {
             return Err(format!(
@@ -299,7 +305,6 @@ pub struct JobDefaults {
     pub base_seed: u64,
     pub steps: usize,
     pub guidance_scale: f64,
-    /// Guidance rescale φ (not settable per line).
     pub guidance_rescale: f64,
     /// DDIM eta (not settable per line).
     pub eta: f64,
@@ -418,7 +423,7 @@ pub fn expand_jobs(entries: &[PromptEntry], defaults: &JobDefaults) -> Vec<Job> 
                 seed,
                 steps: o.steps.unwrap_or(defaults.steps),
                 guidance_scale: o.guidance_scale.unwrap_or(defaults.guidance_scale),
-                guidance_rescale: defaults.guidance_rescale,
+                guidance_rescale: o.guidance_rescale.unwrap_or(defaults.guidance_rescale),
                 eta: defaults.eta,
                 width: o.width.unwrap_or(defaults.width),
                 height: o.height.unwrap_or(defaults.height),

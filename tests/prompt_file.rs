@@ -115,7 +115,7 @@ fn json_lines_read_every_override_and_its_aliases() {
 {"prompt": "a red apple"}
 
 {"prompt": " a black cat ", "negative_prompt": "dog", "seed": 18446744073709551615, "steps": 20, "guidance_scale": 3, "width": 640, "height": 384, "scheduler": "ddpm", "num_images": 2, "image": "in/cat.png", "mask": "/abs/mask.png", "strength": 0.5}
-{"prompt": "a smiling sun", "cfg_scale": 9.5, "sampler": "ddim", "strength": 0, "image": "sun.png"}
+{"prompt": "a smiling sun", "cfg_scale": 9.5, "guidance_rescale": 0.7, "sampler": "euler_a", "strength": 0, "image": "sun.png"}
 "#;
     let parsed = jsonl(text);
     assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
@@ -143,7 +143,8 @@ fn json_lines_read_every_override_and_its_aliases() {
 
     let sun = &parsed.entries[2].overrides;
     assert_eq!(sun.guidance_scale, Some(9.5));
-    assert_eq!(sun.scheduler.as_deref(), Some("ddim"));
+    assert_eq!(sun.guidance_rescale, Some(0.7));
+    assert_eq!(sun.scheduler.as_deref(), Some("euler_a"));
     assert_eq!(sun.strength, Some(0.0));
 }
 
@@ -169,6 +170,7 @@ fn json_lines_bad_lines_are_reported_with_their_line_numbers() {
         r#"{"prompt": "a sun", "image": ""}"#,     // 17 empty path
         r#"{"prompt": "a sun", "steps": 2.5}"#,    // 18 float for an integer
         r#"{"prompt": "a yellow star", "seed": 7}"#, // 19 good
+        r#"{"prompt": "a sun", "guidance_rescale": 2}"#, // 20 out of range
     ]
     .join("\n");
     let parsed = jsonl(&text);
@@ -179,7 +181,7 @@ fn json_lines_bad_lines_are_reported_with_their_line_numbers() {
     let bad_lines: Vec<usize> = parsed.errors.iter().map(|e| e.line).collect();
     assert_eq!(
         bad_lines,
-        [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 16, 17, 18]
+        [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 16, 17, 18, 20]
     );
 
     assert!(error_on(&parsed, 2).starts_with("invalid JSON: EOF while parsing an object (column "));
@@ -200,6 +202,10 @@ fn json_lines_bad_lines_are_reported_with_their_line_numbers() {
     assert_eq!(
         error_on(&parsed, 9),
         "\"strength\" must be between 0 and 1, got 1.5"
+    );
+    assert_eq!(
+        error_on(&parsed, 20),
+        "\"guidance_rescale\" must be between 0 and 1, got 2"
     );
     assert!(
         error_on(&parsed, 10).contains("invalid value: integer `-1`"),
@@ -435,7 +441,7 @@ fn explicit_seeds_count_up_within_their_line_only() {
 #[test]
 fn overrides_replace_defaults_per_line() {
     let text = r#"{"prompt": "a red apple"}
-{"prompt": "a black cat", "negative_prompt": "", "steps": 20, "cfg_scale": 4, "width": 640, "height": 384, "sampler": "ddpm"}
+{"prompt": "a black cat", "negative_prompt": "", "steps": 20, "cfg_scale": 4, "guidance_rescale": 0.7, "width": 640, "height": 384, "sampler": "ddpm"}
 {"prompt": "a smiling sun", "image": "sun.png"}
 {"prompt": "a green frog", "image": "frog.png", "mask": "frog-mask.png", "strength": 0.25}
 "#;
@@ -460,11 +466,17 @@ fn overrides_replace_defaults_per_line() {
         (512, 512, "ddim", "sd15")
     );
     assert_eq!((apple.mode(), apple.strength), (JobMode::Txt2Img, None));
+    assert_eq!(apple.guidance_rescale, 0.0);
 
     let cat = &jobs[1];
     assert_eq!(
-        (cat.negative_prompt.as_str(), cat.steps, cat.guidance_scale),
-        ("", 20, 4.0)
+        (
+            cat.negative_prompt.as_str(),
+            cat.steps,
+            cat.guidance_scale,
+            cat.guidance_rescale
+        ),
+        ("", 20, 4.0, 0.7)
     );
     assert_eq!(
         (cat.width, cat.height, cat.scheduler.as_str()),

@@ -497,8 +497,8 @@ fn edit(
 #[derive(Debug, Args)]
 pub struct BatchCommandArgs {
     /// Prompt file: one prompt per line (# comments), or JSON Lines with per-line overrides
-    /// (negative_prompt, seed, steps, guidance_scale, width, height, scheduler, num_images,
-    /// image, mask, strength).
+    /// (negative_prompt, seed, steps, guidance_scale, guidance_rescale, width, height, scheduler,
+    /// num_images, image, mask, strength).
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
 
