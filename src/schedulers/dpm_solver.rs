@@ -26,7 +26,6 @@ pub struct DpmSolver {
     options: DpmSolverOptions,
     prediction: PredictionType,
     limit: OriginalSampleLimit,
-    final_sigma_zero: bool,
     /// x̂₀ of the previous step, for the second-order update.
     previous_original: Option<Tensor>,
     /// How many steps have run, capped at the order (diffusers' `lower_order_nums`).
@@ -85,21 +84,9 @@ impl DpmSolver {
             options,
             prediction: config.prediction_type,
             limit,
-            final_sigma_zero: final_sigma == FinalSigma::Zero,
             previous_original: None,
             lower_order_nums: 0,
         })
-    }
-
-    /// An error for a step past the last.
-    fn check_step(&self, step_index: usize) -> Result<()> {
-        if step_index >= self.timesteps.len() {
-            candle_core::bail!(
-                "step {step_index} is past the last of {} scheduler steps",
-                self.timesteps.len()
-            );
-        }
-        Ok(())
     }
 
     /// x̂₀ from the model output (diffusers' `convert_model_output` for the "++" solvers).
@@ -125,8 +112,9 @@ impl DpmSolver {
     fn order_at(&self, step_index: usize) -> usize {
         let n = self.timesteps.len();
         let short = self.options.lower_order_final && n < LOWER_ORDER_FINAL_BELOW;
-        let last =
-            step_index + 1 == n && (self.options.euler_at_final || short || self.final_sigma_zero);
+        // A last sigma of 0 is final_sigmas_type "zero" (σ_min is positive).
+        let last = step_index + 1 == n
+            && (self.options.euler_at_final || short || self.sigmas.last() == Some(&0.0));
         if self.options.order == 1 || self.lower_order_nums < 1 || last {
             1
         } else {
@@ -155,7 +143,7 @@ impl Scheduler for DpmSolver {
         sample: &Tensor,
         noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput> {
-        self.check_step(step_index)?;
+        timesteps::check_step(step_index, self.timesteps.len())?;
         let order = self.order_at(step_index);
         let (sigma_s0, sigma_next) = (self.sigmas[step_index], self.sigmas[step_index + 1]);
         let original = self.original_sample(model_output, sample, sigma_s0)?;
@@ -215,7 +203,7 @@ impl Scheduler for DpmSolver {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        self.check_step(step_index)?;
+        timesteps::check_step(step_index, self.timesteps.len())?;
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index]);
         scale(original, alpha_t)? + scale(noise, sigma_t)?
     }

@@ -81,14 +81,10 @@ impl Euler {
         })
     }
 
+    /// The sigma of a step and of the one after it.
     fn sigma(&self, step_index: usize) -> Result<(f32, f32)> {
-        match (self.sigmas.get(step_index), self.sigmas.get(step_index + 1)) {
-            (Some(&sigma), Some(&next)) => Ok((sigma, next)),
-            _ => candle_core::bail!(
-                "step {step_index} is past the last of {} scheduler steps",
-                self.timesteps.len()
-            ),
-        }
+        timesteps::check_step(step_index, self.timesteps.len())?;
+        Ok((self.sigmas[step_index], self.sigmas[step_index + 1]))
     }
 
     /// x̂₀ from the model output at noise level `sigma`.

@@ -155,15 +155,18 @@ fn trailing(train: usize, n: usize) -> Vec<usize> {
         .collect()
 }
 
+/// An error naming the step when `step_index` is past the last of `steps`.
+pub(super) fn check_step(step_index: usize, steps: usize) -> Result<()> {
+    if step_index >= steps {
+        candle_core::bail!("step {step_index} is past the last of {steps} scheduler steps");
+    }
+    Ok(())
+}
+
 /// `timesteps[step_index]`, or an error naming the step.
 pub(super) fn at(timesteps: &[usize], step_index: usize) -> Result<usize> {
-    match timesteps.get(step_index) {
-        Some(&t) => Ok(t),
-        None => candle_core::bail!(
-            "step {step_index} is past the last of {} scheduler steps",
-            timesteps.len()
-        ),
-    }
+    check_step(step_index, timesteps.len())?;
+    Ok(timesteps[step_index])
 }
 
 #[cfg(test)]
