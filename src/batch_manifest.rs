@@ -124,6 +124,6 @@ impl Manifest {
                 .with_context(|| format!("cannot record {} in the manifest", entry.file))?;
             bytes.push(b'\n');
         }
-        crate::image_io::write_atomically(&self.path(), &bytes, true)
+        crate::durable::write_atomically(&self.path(), &bytes, true)
     }
 }

@@ -1,7 +1,6 @@
 //! Images in and out: decoded latents to RGB, PNGs that record how they were made, written
 //! atomically, and input images read with their path named in every error.
 
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, Context};
@@ -53,7 +52,7 @@ pub fn save_png(
         );
     }
     let bytes = encode_png(image, parameters)?;
-    write_atomically(path, &bytes, overwrite)
+    crate::durable::write_atomically(path, &bytes, overwrite)
 }
 
 /// Encodes an RGB PNG with one text chunk: tEXt when the text is Latin-1, else iTXt (as PIL
@@ -95,25 +94,6 @@ pub fn read_png_parameters(path: &Path) -> anyhow::Result<Option<String>> {
             .and_then(|c| c.get_text().ok())
     };
     Ok(latin1.or_else(utf8))
-}
-
-/// Writes `bytes` to a temporary file beside `path`, syncs it, then renames it over `path`.
-pub fn write_atomically(path: &Path, bytes: &[u8], overwrite: bool) -> anyhow::Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let mut file = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("cannot write into {}", dir.display()))?;
-    file.write_all(bytes)
-        .and_then(|_| file.as_file().sync_all())
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    let persisted = if overwrite {
-        file.persist(path).map(|_| ())
-    } else {
-        file.persist_noclobber(path).map(|_| ())
-    };
-    persisted.with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Opens an image of any supported format as RGB, naming the path when it cannot.

@@ -3,12 +3,13 @@
 //! The tree mirrors the latent diffusion model: `models` holds the three networks (CLIP text
 //! encoder, VAE, U-Net), `schedulers` the samplers, `pipelines` the generation modes that share
 //! one denoising loop, `rng` the PyTorch-compatible noise source, `image_io` the PNG side,
-//! `model_source` where a pipeline's files come from, and `cli` the thin command-line layer.
+//! `durable` the kill-safe writes behind every output, `model_source` where a pipeline's files come from, and `cli` the thin command-line layer.
 
 pub mod batch_manifest;
 pub mod cli;
 pub mod config;
 pub mod device;
+pub mod durable;
 pub mod image_io;
 pub mod infotext;
 pub mod model_source;

@@ -201,7 +201,7 @@ impl OutputArgs {
         if let Some(path) = &self.save_latents {
             let latents = generated.latents.to_dtype(candle_core::DType::F32)?;
             let bytes = safetensors::serialize([("latents", &latents)], None)?;
-            crate::image_io::write_atomically(path, &bytes, self.overwrite)?;
+            crate::durable::write_atomically(path, &bytes, self.overwrite)?;
         }
         Ok(())
     }

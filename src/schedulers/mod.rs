@@ -40,11 +40,19 @@ pub trait Scheduler {
     /// timesteps fit).
     fn timesteps(&self) -> &[f64];
 
-    /// The standard deviation of the initial noise.
-    fn init_noise_sigma(&self) -> f64;
+    /// The standard deviation of the initial noise: 1 for the samplers that work on x_t itself (DDIM, DDPM, DPM-Solver).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
 
-    /// diffusers' `scale_model_input` (identity for DDIM/DDPM).
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> candle_core::Result<Tensor>;
+    /// diffusers' `scale_model_input`: identity unless the sampler works on σ-scaled samples.
+    fn scale_model_input(
+        &self,
+        sample: &Tensor,
+        _step_index: usize,
+    ) -> candle_core::Result<Tensor> {
+        Ok(sample.clone())
+    }
 
     /// One denoising step from `timesteps()[step_index]`; draws noise from `noise` only when
     /// diffusers draws it (DDPM for t > 0, DDIM only when eta > 0), with the whole batch's

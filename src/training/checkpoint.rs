@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::optim::{AdamW, Ema};
+use crate::durable::{self, remove_dir_if_present, rename};
 
 pub const CHECKPOINT_DIR: &str = "checkpoint";
 const PREVIOUS_DIR: &str = "checkpoint.previous";
@@ -74,13 +75,7 @@ pub fn save_checkpoint(
     ema: Option<&Ema>,
     state: &TrainState,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(out_dir)
-        .with_context(|| format!("cannot create {}", out_dir.display()))?;
-    remove_stale_temporaries(out_dir)?;
-    let temp = tempfile::Builder::new()
-        .prefix(TEMP_PREFIX)
-        .tempdir_in(out_dir)
-        .with_context(|| format!("cannot create a temporary folder in {}", out_dir.display()))?;
+    let temp = durable::staging_dir(out_dir, TEMP_PREFIX)?;
     write_tensors(&temp.path().join(MODEL_FILE), &super::var_tensors(vars))?;
     write_tensors(&temp.path().join(OPTIMIZER_FILE), &optim.state_tensors())?;
     if let Some(ema) = ema {
@@ -91,11 +86,11 @@ pub fn save_checkpoint(
         optimizer_step: optim.step_count(),
         ema_updates: ema.map(Ema::updates),
     };
-    write_synced(
+    durable::write_synced(
         &temp.path().join(STATE_FILE),
         serde_json::to_string_pretty(&state_file)?.as_bytes(),
     )?;
-    sync_dir(temp.path())?;
+    durable::sync_dir(temp.path())?;
     swap_in(out_dir, temp.keep())
 }
 
@@ -103,10 +98,6 @@ pub fn save_checkpoint(
 fn swap_in(out_dir: &Path, fresh: PathBuf) -> anyhow::Result<()> {
     let current = out_dir.join(CHECKPOINT_DIR);
     let previous = out_dir.join(PREVIOUS_DIR);
-    let rename = |from: &Path, to: &Path| {
-        std::fs::rename(from, to)
-            .with_context(|| format!("cannot rename {} to {}", from.display(), to.display()))
-    };
     if current.join(STATE_FILE).is_file() {
         remove_dir_if_present(&previous)?;
         rename(&current, &previous)?;
@@ -115,7 +106,7 @@ fn swap_in(out_dir: &Path, fresh: PathBuf) -> anyhow::Result<()> {
         remove_dir_if_present(&current)?;
     }
     rename(&fresh, &current)?;
-    sync_dir(out_dir)?;
+    durable::sync_dir(out_dir)?;
     remove_dir_if_present(&previous)
 }
 
@@ -215,73 +206,18 @@ pub fn save_tensors_atomically(
     path: &Path,
     tensors: &HashMap<String, Tensor>,
 ) -> anyhow::Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let temp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .suffix(".safetensors")
-        .tempfile_in(dir)
-        .with_context(|| format!("cannot write into {}", dir.display()))?;
-    write_tensors(temp.path(), tensors)?;
-    temp.persist(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    durable::write_atomically_with(path, |temp| write_tensors(temp, tensors))
 }
 
 fn write_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> anyhow::Result<()> {
     candle_core::safetensors::save(tensors, path)
         .with_context(|| format!("cannot write {}", path.display()))?;
-    std::fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("cannot sync {}", path.display()))
+    durable::sync_file(path)
 }
 
 fn read_tensors(path: &Path, device: &Device) -> anyhow::Result<HashMap<String, Tensor>> {
     candle_core::safetensors::load(path, device)
         .with_context(|| format!("cannot read {}", path.display()))
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut file =
-        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    file.write_all(bytes)
-        .and_then(|_| file.sync_all())
-        .with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// Makes renames inside `dir` durable (a no-op where directories cannot be synced).
-fn sync_dir(dir: &Path) -> anyhow::Result<()> {
-    #[cfg(unix)]
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("cannot sync {}", dir.display()))?;
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
-}
-
-fn remove_dir_if_present(dir: &Path) -> anyhow::Result<()> {
-    match std::fs::remove_dir_all(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("cannot remove {}", dir.display()))
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Removes temporary folders left by a save that was killed.
-fn remove_stale_temporaries(out_dir: &Path) -> anyhow::Result<()> {
-    let entries =
-        std::fs::read_dir(out_dir).with_context(|| format!("cannot list {}", out_dir.display()))?;
-    for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
-            remove_dir_if_present(&entry.path())?;
-        }
-    }
-    Ok(())
 }
 
 /// Bytes as a lowercase hex string in JSON.

@@ -23,6 +23,7 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
+use crate::durable::{self, create_dir, remove_file_if_present, rename};
 use crate::models::clip::ClipTextConfig;
 use crate::models::unet::UNet2DConditionConfig;
 use crate::tokenizer::PromptTokenizer;
@@ -117,15 +118,9 @@ pub fn export_pipeline(out_dir: &Path, export: &PipelineExport) -> anyhow::Resul
         "cannot save weights as {:?}",
         export.save_dtype
     );
-    std::fs::create_dir_all(out_dir)
-        .with_context(|| format!("cannot create {}", out_dir.display()))?;
-    remove_stale_temporaries(out_dir)?;
-    let staged = tempfile::Builder::new()
-        .prefix(TEMP_PREFIX)
-        .tempdir_in(out_dir)
-        .with_context(|| format!("cannot create a temporary folder in {}", out_dir.display()))?;
+    let staged = durable::staging_dir(out_dir, TEMP_PREFIX)?;
     stage(staged.path(), export)?;
-    sync_files(staged.path())?;
+    durable::sync_files(staged.path())?;
     install(out_dir, staged.path())
 }
 
@@ -195,9 +190,9 @@ fn install(out_dir: &Path, staged: &Path) -> anyhow::Result<()> {
         }
         rename(&staged.join(component), &target)?;
     }
-    sync_dir(out_dir)?;
+    durable::sync_dir(out_dir)?;
     rename(&staged.join(MODEL_INDEX), &index)?;
-    sync_dir(out_dir)
+    durable::sync_dir(out_dir)
 }
 
 /// diffusers' `unet/config.json`: our config under diffusers' names, plus the class name.
@@ -338,67 +333,4 @@ fn copy_file(from: &Path, to: &Path) -> anyhow::Result<()> {
 fn write_json(path: &Path, value: &Value) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(value)? + "\n";
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
-}
-
-fn create_dir(dir: &Path) -> anyhow::Result<PathBuf> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    Ok(dir.to_path_buf())
-}
-
-fn rename(from: &Path, to: &Path) -> anyhow::Result<()> {
-    std::fs::rename(from, to)
-        .with_context(|| format!("cannot rename {} to {}", from.display(), to.display()))
-}
-
-fn remove_file_if_present(path: &Path) -> anyhow::Result<()> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("cannot remove {}", path.display()))
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Flushes every file under `dir` to disk, so the renames never publish unwritten data.
-fn sync_files(dir: &Path) -> anyhow::Result<()> {
-    let entries =
-        std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
-    for entry in entries {
-        let path = entry
-            .with_context(|| format!("cannot list {}", dir.display()))?
-            .path();
-        if path.is_dir() {
-            sync_files(&path)?;
-        } else {
-            std::fs::File::open(&path)
-                .and_then(|f| f.sync_all())
-                .with_context(|| format!("cannot sync {}", path.display()))?;
-        }
-    }
-    Ok(())
-}
-
-/// Makes renames inside `dir` durable (a no-op where directories cannot be synced).
-fn sync_dir(dir: &Path) -> anyhow::Result<()> {
-    #[cfg(unix)]
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("cannot sync {}", dir.display()))?;
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
-}
-
-/// Removes staging folders left by an export that was killed.
-fn remove_stale_temporaries(out_dir: &Path) -> anyhow::Result<()> {
-    let entries =
-        std::fs::read_dir(out_dir).with_context(|| format!("cannot list {}", out_dir.display()))?;
-    for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
-            let path = entry.path();
-            std::fs::remove_dir_all(&path)
-                .with_context(|| format!("cannot remove {}", path.display()))?;
-        }
-    }
-    Ok(())
 }

@@ -44,7 +44,7 @@ impl LossLog {
         for (step, values) in &rows {
             text.push_str(&csv_row(*step, values));
         }
-        crate::image_io::write_atomically(&path, text.as_bytes(), true)?;
+        crate::durable::write_atomically(&path, text.as_bytes(), true)?;
         let file = std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
@@ -92,7 +92,7 @@ impl LossLog {
                 image::ImageFormat::Png,
             )
             .context("cannot encode the loss plot")?;
-        crate::image_io::write_atomically(path, &bytes, true)
+        crate::durable::write_atomically(path, &bytes, true)
     }
 }
 

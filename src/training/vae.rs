@@ -595,5 +595,5 @@ pub fn export_vae(
         &weights,
     )?;
     let text = serde_json::to_string_pretty(config)? + "\n";
-    crate::image_io::write_atomically(&dir.join("config.json"), text.as_bytes(), true)
+    crate::durable::write_atomically(&dir.join("config.json"), text.as_bytes(), true)
 }
