@@ -250,7 +250,7 @@ fn a_short_run_learns_and_exports_a_loadable_vae() {
     assert_eq!(csv.lines().count(), 101);
     assert!(out.join("loss.png").is_file());
     for step in [50, 100] {
-        let grid = image::open(out.join(format!("samples/step_{step:06}.png"))).unwrap();
+        let grid = image::open(out.join(format!("samples/step-{step:06}.png"))).unwrap();
         assert_eq!((grid.width(), grid.height()), (8 * 16 + 7 * 2, 2 * 16 + 2));
     }
 

@@ -19,6 +19,7 @@ use serde_json::Value;
 
 use super::optim::{AdamW, Ema};
 use crate::durable::{self, remove_dir_if_present, rename};
+use crate::rng::TorchGenerator;
 
 pub const CHECKPOINT_DIR: &str = "checkpoint";
 const PREVIOUS_DIR: &str = "checkpoint.previous";
@@ -108,6 +109,45 @@ fn swap_in(out_dir: &Path, fresh: PathBuf) -> anyhow::Result<()> {
     rename(&fresh, &current)?;
     durable::sync_dir(out_dir)?;
     remove_dir_if_present(&previous)
+}
+
+/// Refuses an output folder that does not fit `resume`: a checkpoint there is only continued
+/// on request, and a resume needs one.
+pub fn check_output(out_dir: &Path, resume: bool) -> anyhow::Result<()> {
+    match (has_checkpoint(out_dir), resume) {
+        (true, false) => anyhow::bail!(
+            "{} already holds a training checkpoint: pass --resume to continue it, or choose another --output",
+            out_dir.display()
+        ),
+        (false, true) => anyhow::bail!("--resume: no checkpoint in {}", out_dir.display()),
+        _ => Ok(()),
+    }
+}
+
+/// Where a run starts: step 0 with the noise generator of `seed`, or, with `resume`, the
+/// checkpoint of `out_dir` (loaded into `vars`, `optim` and `ema`), which must have been written
+/// by a run with the same `identity` (see [`check_same_run`]).
+pub fn start(
+    out_dir: &Path,
+    resume: bool,
+    seed: u64,
+    identity: &Value,
+    vars: &VarMap,
+    optim: &mut AdamW,
+    ema: Option<&mut Ema>,
+) -> anyhow::Result<TrainState> {
+    if !resume {
+        return Ok(TrainState {
+            step: 0,
+            epoch: 0,
+            position_in_epoch: 0,
+            rng: TorchGenerator::new(seed).state(),
+            extra: identity.clone(),
+        });
+    }
+    let state = load_checkpoint(out_dir, vars, optim, ema)?;
+    check_same_run(&state.extra, identity, out_dir)?;
+    Ok(state)
 }
 
 /// Loads the last complete checkpoint of `out_dir` into `vars`, `optim` and `ema` (whose

@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use plotters::prelude::*;
 
 pub const LOSS_CSV: &str = "losses.csv";
+pub const LOSS_PLOT: &str = "loss.png";
 
 /// `out_dir/losses.csv` with header `step,<columns>`. On resume, rows after the checkpoint's
 /// step (written by the interrupted run after its last checkpoint) are dropped, so every step

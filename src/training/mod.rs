@@ -8,6 +8,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod driver;
 pub mod export;
 pub mod metrics;
 pub mod optim;

@@ -22,15 +22,16 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context};
+use anyhow::{ensure, Context};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde_json::{json, Value};
 
 use super::checkpoint::{self, TrainState};
 use super::data::{self, DataCursor, ImageFolder};
+use super::driver::{self, LoopPlan, StepOutcome, TrainingRun};
 use super::export::{self, PipelineExport, TextEncoderExport};
-use super::metrics::{self, LossLog, StepReport, TrainObserver};
+use super::metrics::{self, LossLog, TrainObserver, LOSS_PLOT};
 use super::optim::{self, AdamW, AdamWConfig, Ema};
 use super::SplitMix64;
 use crate::model_source::PipelineFolder;
@@ -48,7 +49,6 @@ pub const UNET_PREFIX: &str = "unet";
 pub const TEXT_ENCODER_PREFIX: &str = "text_encoder";
 /// Where sample grids go, inside the output folder.
 pub const SAMPLES_DIR: &str = "samples";
-pub const LOSS_PLOT: &str = "loss.png";
 const LOSS_COLUMNS: [&str; 1] = ["loss"];
 /// How many captions become the default sample prompts.
 const DEFAULT_SAMPLE_PROMPTS: usize = 4;
@@ -377,13 +377,27 @@ pub fn train(
     let started = Instant::now();
     let mut trainer = Trainer::prepare(cfg, observer)?;
     let resumed_from = trainer.step;
-    let (interrupted, losses) = trainer.run(observer)?;
+    let plan = LoopPlan {
+        max_steps: cfg.max_steps,
+        save_every: cfg.save_every,
+        sample_every: cfg.samples.every,
+        resumed: cfg.resume,
+    };
+    let interrupted = driver::run_loop(&mut trainer, &plan, observer)?;
+    trainer.export()?;
+    trainer.log.plot(&cfg.output_dir.join(LOSS_PLOT))?;
+    observer.on_message(&format!(
+        "{} at step {}: pipeline in {}",
+        if interrupted { "stopped" } else { "finished" },
+        trainer.step,
+        cfg.output_dir.display()
+    ));
     Ok(TrainUNetSummary {
         step: trainer.step,
         steps_run: trainer.step - resumed_from,
         seconds: started.elapsed().as_secs_f64(),
         interrupted,
-        losses,
+        losses: trainer.log.rows().iter().map(|(s, v)| (*s, v[0])).collect(),
     })
 }
 
@@ -495,9 +509,7 @@ struct Trainer<'a> {
     log: LossLog,
     /// The settings a resume must agree with, stored in the checkpoint.
     identity: Value,
-    checkpointed_at: Option<usize>,
     exported_at: Option<usize>,
-    sampled_at: Option<usize>,
 }
 
 impl<'a> Trainer<'a> {
@@ -587,20 +599,18 @@ impl<'a> Trainer<'a> {
             "random_flip": cfg.random_flip,
             "images": images.len(),
         });
-        let state = if cfg.resume {
-            let state = checkpoint::load_checkpoint(out, &varmap, &mut optim, Some(&mut ema))?;
-            checkpoint::check_same_run(&state.extra, &identity, out)?;
+        let state = checkpoint::start(
+            out,
+            cfg.resume,
+            cfg.seed,
+            &identity,
+            &varmap,
+            &mut optim,
+            Some(&mut ema),
+        )?;
+        if cfg.resume {
             observer.on_message(&format!("resuming from step {}", state.step));
-            state
-        } else {
-            TrainState {
-                step: 0,
-                epoch: 0,
-                position_in_epoch: 0,
-                rng: TorchGenerator::new(cfg.seed).state(),
-                extra: identity.clone(),
-            }
-        };
+        }
         let (step, generator) = (state.step, TorchGenerator::from_state(&state.rng)?);
         let cursor = DataCursor {
             epoch: state.epoch,
@@ -633,57 +643,49 @@ impl<'a> Trainer<'a> {
             step,
             log,
             identity,
-            checkpointed_at: cfg.resume.then_some(step),
             exported_at: None,
-            sampled_at: None,
         })
     }
 
-    /// Trains up to `max_steps` or until the observer stops it; returns whether it did, and
-    /// the `(step, loss)` log.
-    fn run(
-        &mut self,
-        observer: &mut dyn TrainObserver,
-    ) -> anyhow::Result<(bool, Vec<(usize, f64)>)> {
-        let max_steps = self.cfg.max_steps;
-        observer.on_start(self.step, max_steps);
-        let mut interrupted = false;
-        while self.step < max_steps {
-            if observer.should_stop() {
-                interrupted = true;
-                break;
-            }
-            let report = self.train_step()?;
-            observer.on_step(&StepReport {
-                step: self.step,
-                max_steps,
-                lr: report.lr,
-                grad_norm: report.grad_norm,
-                losses: &[("loss", report.loss)],
-            });
-            if self.step < max_steps && is_due(self.step, self.cfg.save_every) {
-                self.checkpoint(observer)?;
-            }
-            if self.step < max_steps && is_due(self.step, self.cfg.samples.every) {
-                self.save_samples(observer)?;
-            }
+    /// Writes the EMA weights as the pipeline in the output folder (once per step).
+    fn export(&mut self) -> anyhow::Result<()> {
+        if self.exported_at == Some(self.step) {
+            return Ok(());
         }
-        if self.checkpointed_at != Some(self.step) {
-            self.checkpoint(observer)?;
-        }
-        self.export()?;
-        if !interrupted && self.cfg.samples.every > 0 && self.sampled_at != Some(self.step) {
-            self.save_samples(observer)?;
-        }
-        self.log.plot(&self.cfg.output_dir.join(LOSS_PLOT))?;
-        observer.on_message(&format!(
-            "{} at step {}: pipeline in {}",
-            if interrupted { "stopped" } else { "finished" },
-            self.step,
-            self.cfg.output_dir.display()
-        ));
-        let losses = self.log.rows().iter().map(|(s, v)| (*s, v[0])).collect();
-        Ok((interrupted, losses))
+        let ema = self.ema.tensors();
+        let unet_weights = strip_prefix(&ema, UNET_PREFIX);
+        let text_weights;
+        let text_encoder = match &self.text_encoder {
+            TextEncoder::Frozen { dir, .. } => TextEncoderExport::Copied(dir),
+            TextEncoder::Trained { config } => {
+                text_weights = strip_prefix(&ema, TEXT_ENCODER_PREFIX);
+                TextEncoderExport::Trained {
+                    config,
+                    weights: &text_weights,
+                    tokenizer: &self.tokenizer,
+                }
+            }
+        };
+        export::export_pipeline(
+            &self.cfg.output_dir,
+            &PipelineExport {
+                unet_config: &self.unet_config,
+                unet_weights: &unet_weights,
+                text_encoder,
+                vae_dir: &self.vae_dir,
+                tokenizer_dir: &self.tokenizer_dir,
+                scheduler_config: &self.scheduler_json,
+                save_dtype: self.cfg.save_dtype,
+            },
+        )?;
+        self.exported_at = Some(self.step);
+        Ok(())
+    }
+}
+
+impl TrainingRun for Trainer<'_> {
+    fn step(&self) -> usize {
+        self.step
     }
 
     /// One optimizer update.
@@ -751,14 +753,14 @@ impl<'a> Trainer<'a> {
         self.step += 1;
         self.log.record(self.step, &[loss_value])?;
         Ok(StepOutcome {
-            loss: loss_value,
-            grad_norm,
             lr,
+            grad_norm,
+            losses: vec![(LOSS_COLUMNS[0], loss_value)],
         })
     }
 
     /// Saves the checkpoint, exports the pipeline it corresponds to, and redraws the loss plot.
-    fn checkpoint(&mut self, observer: &mut dyn TrainObserver) -> anyhow::Result<()> {
+    fn save_checkpoint(&mut self, observer: &mut dyn TrainObserver) -> anyhow::Result<()> {
         let state = TrainState {
             step: self.step,
             epoch: self.cursor.epoch,
@@ -768,45 +770,9 @@ impl<'a> Trainer<'a> {
         };
         let out = &self.cfg.output_dir;
         checkpoint::save_checkpoint(out, &self.varmap, &self.optim, Some(&self.ema), &state)?;
-        self.checkpointed_at = Some(self.step);
         self.export()?;
         self.log.plot(&out.join(LOSS_PLOT))?;
         observer.on_message(&format!("step {}: checkpoint saved", self.step));
-        Ok(())
-    }
-
-    /// Writes the EMA weights as the pipeline in the output folder (once per step).
-    fn export(&mut self) -> anyhow::Result<()> {
-        if self.exported_at == Some(self.step) {
-            return Ok(());
-        }
-        let ema = self.ema.tensors();
-        let unet_weights = strip_prefix(&ema, UNET_PREFIX);
-        let text_weights;
-        let text_encoder = match &self.text_encoder {
-            TextEncoder::Frozen { dir, .. } => TextEncoderExport::Copied(dir),
-            TextEncoder::Trained { config } => {
-                text_weights = strip_prefix(&ema, TEXT_ENCODER_PREFIX);
-                TextEncoderExport::Trained {
-                    config,
-                    weights: &text_weights,
-                    tokenizer: &self.tokenizer,
-                }
-            }
-        };
-        export::export_pipeline(
-            &self.cfg.output_dir,
-            &PipelineExport {
-                unet_config: &self.unet_config,
-                unet_weights: &unet_weights,
-                text_encoder,
-                vae_dir: &self.vae_dir,
-                tokenizer_dir: &self.tokenizer_dir,
-                scheduler_config: &self.scheduler_json,
-                save_dtype: self.cfg.save_dtype,
-            },
-        )?;
-        self.exported_at = Some(self.step);
         Ok(())
     }
 
@@ -859,7 +825,6 @@ impl<'a> Trainer<'a> {
         let columns = (generated.images.len() as f64).sqrt().ceil() as usize;
         let grid = metrics::image_grid(&generated.images, columns, 0);
         crate::image_io::save_png(&grid, &path, &description, true)?;
-        self.sampled_at = Some(self.step);
         observer.on_message(&format!(
             "step {}: samples in {}",
             self.step,
@@ -869,29 +834,10 @@ impl<'a> Trainer<'a> {
     }
 }
 
-struct StepOutcome {
-    loss: f64,
-    grad_norm: f64,
-    lr: f64,
-}
-
-fn is_due(step: usize, every: usize) -> bool {
-    every > 0 && step.is_multiple_of(every)
-}
-
 /// Flags that cannot work, and an output folder that does not fit `resume`.
 fn check_settings(cfg: &TrainUNetOptions) -> anyhow::Result<()> {
     let out = &cfg.output_dir;
-    let has_checkpoint = checkpoint::has_checkpoint(out);
-    if has_checkpoint && !cfg.resume {
-        bail!(
-            "{} already holds a training checkpoint: pass --resume to continue it, or choose another --output",
-            out.display()
-        );
-    }
-    if cfg.resume && !has_checkpoint {
-        bail!("--resume: no checkpoint in {}", out.display());
-    }
+    checkpoint::check_output(out, cfg.resume)?;
     ensure!(cfg.batch_size > 0, "the batch size must be at least 1");
     ensure!(
         !cfg.zero_terminal_snr || cfg.prediction == PredictionTarget::VPrediction,

@@ -28,7 +28,8 @@ use serde_json::{json, Value};
 
 use super::checkpoint::{self, TrainState};
 use super::data::{self, DataCursor, ImageFolder};
-use super::metrics::{image_grid, LossLog, StepReport, TrainObserver};
+use super::driver::{self, LoopPlan, StepOutcome, TrainingRun};
+use super::metrics::{image_grid, LossLog, TrainObserver, LOSS_PLOT};
 use super::optim::{self, AdamW, AdamWConfig, Ema};
 use super::SplitMix64;
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
@@ -238,6 +239,9 @@ struct Run<'a> {
     cursor: DataCursor,
     step: usize,
     identity: Value,
+    log: LossLog,
+    /// The last step's (reconstruction, KL, total), once a step ran.
+    last_losses: Option<[f64; 3]>,
 }
 
 /// Trains (or resumes) as `opts` says, reporting to `observer`; see the module documentation.
@@ -248,40 +252,14 @@ pub fn train(
     let started = Instant::now();
     let mut run = Run::prepare(opts, observer)?;
     let resumed_from = run.step;
-    let mut log = LossLog::open(&opts.output, &LOSS_COLUMNS, opts.resume.then_some(run.step))?;
-    let mut last_losses = None;
-    let mut interrupted = false;
-    observer.on_start(run.step, opts.max_steps);
-    while run.step < opts.max_steps {
-        if observer.should_stop() {
-            interrupted = true;
-            break;
-        }
-        let (losses, lr, grad_norm) = run.train_step()?;
-        log.record(run.step, &losses)?;
-        last_losses = Some(losses);
-        let named: Vec<(&str, f64)> = LOSS_COLUMNS.into_iter().zip(losses).collect();
-        observer.on_step(&StepReport {
-            step: run.step,
-            max_steps: opts.max_steps,
-            lr,
-            grad_norm,
-            losses: &named,
-        });
-        if every(opts.sample_every, run.step) {
-            let path = run.write_samples()?;
-            observer.on_message(&format!("samples: {}", path.display()));
-        }
-        if every(opts.save_every, run.step) && run.step < opts.max_steps {
-            run.save()?;
-            observer.on_message(&format!("checkpoint saved at step {}", run.step));
-        }
-    }
-    if run.step > resumed_from || interrupted || !checkpoint::has_checkpoint(&opts.output) {
-        run.save()?;
-        observer.on_message(&format!("checkpoint saved at step {}", run.step));
-    }
-    log.plot(&opts.output.join("loss.png"))?;
+    let plan = LoopPlan {
+        max_steps: opts.max_steps,
+        save_every: opts.save_every.unwrap_or(0),
+        sample_every: opts.sample_every.unwrap_or(0),
+        resumed: opts.resume,
+    };
+    let interrupted = driver::run_loop(&mut run, &plan, observer)?;
+    run.log.plot(&opts.output.join(LOSS_PLOT))?;
     let (scaling_factor, vae_dir) = if interrupted {
         (None, None)
     } else {
@@ -294,7 +272,7 @@ pub fn train(
         interrupted,
         images: run.data.len(),
         skipped_images: run.data.skipped.len(),
-        last_losses,
+        last_losses: run.last_losses,
         scaling_factor,
         vae_dir,
         seconds: started.elapsed().as_secs_f64(),
@@ -309,26 +287,13 @@ fn scalars(tensors: &[&Tensor]) -> candle_core::Result<Vec<f64>> {
         .to_vec1::<f64>()
 }
 
-fn every(period: Option<usize>, step: usize) -> bool {
-    period.is_some_and(|n| n > 0 && step.is_multiple_of(n))
-}
-
 impl<'a> Run<'a> {
     fn prepare(
         opts: &'a TrainVaeOptions,
         observer: &mut dyn TrainObserver,
     ) -> anyhow::Result<Self> {
         super::check_training_dtype(opts.dtype, &opts.device)?;
-        let has_checkpoint = checkpoint::has_checkpoint(&opts.output);
-        if has_checkpoint && !opts.resume {
-            anyhow::bail!(
-                "{} already holds a training checkpoint: pass --resume to continue it, or choose another --output",
-                opts.output.display()
-            );
-        }
-        if opts.resume && !has_checkpoint {
-            anyhow::bail!("--resume: no checkpoint in {}", opts.output.display());
-        }
+        checkpoint::check_output(&opts.output, opts.resume)?;
         let data = ImageFolder::open(&opts.data, opts.resolution)?;
         for (path, reason) in &data.skipped {
             observer.on_message(&format!("warning: skipping {}: {reason}", path.display()));
@@ -378,19 +343,23 @@ impl<'a> Run<'a> {
             .map(|decay| Ema::new(&varmap, decay))
             .transpose()?;
         let identity = opts.identity(&config_json, data.len());
-        let mut run_state = TrainState {
-            step: 0,
-            epoch: 0,
-            position_in_epoch: 0,
-            rng: TorchGenerator::new(opts.seed).state(),
-            extra: identity.clone(),
-        };
+        let run_state = checkpoint::start(
+            &opts.output,
+            opts.resume,
+            opts.seed,
+            &identity,
+            &varmap,
+            &mut optim,
+            ema.as_mut(),
+        )?;
         if opts.resume {
-            run_state =
-                checkpoint::load_checkpoint(&opts.output, &varmap, &mut optim, ema.as_mut())?;
-            checkpoint::check_same_run(&run_state.extra, &identity, &opts.output)?;
             observer.on_message(&format!("resuming at step {}", run_state.step));
         }
+        let log = LossLog::open(
+            &opts.output,
+            &LOSS_COLUMNS,
+            opts.resume.then_some(run_state.step),
+        )?;
         Ok(Self {
             opts,
             data,
@@ -406,55 +375,9 @@ impl<'a> Run<'a> {
             },
             step: run_state.step,
             identity,
+            log,
+            last_losses: None,
         })
-    }
-
-    /// One optimizer update: returns the loss terms, the learning rate and the gradient norm.
-    fn train_step(&mut self) -> anyhow::Result<([f64; 3], f64, f64)> {
-        let opts = self.opts;
-        let (indices, flips) = data::next_batch(
-            &mut self.cursor,
-            self.data.len(),
-            opts.batch_size,
-            opts.seed,
-            opts.flip,
-        )?;
-        let (images, _) = self.data.load_batch(&indices, &flips, &opts.device)?;
-        let images = match opts.crop {
-            Some(size) => {
-                let stream = format!("crops at step {}", self.step);
-                data::random_crops(
-                    &images,
-                    size,
-                    &mut SplitMix64::for_stream(opts.seed, &stream),
-                )?
-            }
-            None => images,
-        };
-        let vae = self.model()?;
-        let eps = self.latent_noise(indices.len())?;
-        let images = images.to_dtype(opts.dtype)?;
-        let (terms, _) = negative_elbo(&vae, &images, &eps, opts.recon_loss, opts.kl_weight)?;
-        let losses = scalars(&[&terms.reconstruction, &terms.kl, &terms.total])?;
-        let losses = [losses[0], losses[1], losses[2]];
-        if !losses.iter().all(|v| v.is_finite()) {
-            anyhow::bail!(
-                "the loss is not finite at step {} (reconstruction {}, KL {}): try a lower --lr, --max-grad-norm or --dtype f32",
-                self.step + 1,
-                losses[0],
-                losses[1]
-            );
-        }
-        let mut grads = terms.total.backward()?;
-        let max_norm = opts.max_grad_norm.unwrap_or(f64::INFINITY);
-        let grad_norm = optim::clip_grad_norm(&mut grads, &self.varmap, max_norm)?;
-        let lr = optim::warmup_lr(self.step, opts.lr, opts.warmup_steps);
-        self.optim.step(&grads, lr)?;
-        if let Some(ema) = &mut self.ema {
-            ema.update(&self.varmap)?;
-        }
-        self.step += 1;
-        Ok((losses, lr, grad_norm))
     }
 
     /// The model computing in the training dtype from the current master weights.
@@ -472,49 +395,6 @@ impl<'a> Run<'a> {
         Tensor::from_vec(self.generator.randn(count), shape, &Device::Cpu)?
             .to_dtype(self.opts.dtype)?
             .to_device(&self.opts.device)
-    }
-
-    fn save(&self) -> anyhow::Result<()> {
-        let state = TrainState {
-            step: self.step,
-            epoch: self.cursor.epoch,
-            position_in_epoch: self.cursor.position_in_epoch,
-            rng: self.generator.state(),
-            extra: self.identity.clone(),
-        };
-        checkpoint::save_checkpoint(
-            &self.opts.output,
-            &self.varmap,
-            &self.optim,
-            self.ema.as_ref(),
-            &state,
-        )
-    }
-
-    /// `output/samples/step_NNNNNN.png`: the first images of the data set (top row) above their
-    /// reconstructions from the posterior mean with the current weights (bottom row).
-    fn write_samples(&self) -> anyhow::Result<PathBuf> {
-        let count = self.data.len().min(SAMPLE_IMAGES);
-        let indices: Vec<usize> = (0..count).collect();
-        let (images, _) = self
-            .data
-            .load_batch(&indices, &vec![false; count], &self.opts.device)?;
-        let vae = self.model()?;
-        let images = images.to_dtype(self.opts.dtype)?;
-        let decoded = vae.decode(&vae.encode(&images)?.mode())?.detach();
-        let originals = crate::image_io::decoded_to_images(&images)?;
-        let reconstructions = crate::image_io::decoded_to_images(&decoded)?;
-        let grid = image_grid(&[originals, reconstructions].concat(), count, 2);
-        let dir = self.opts.output.join("samples");
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        let path = dir.join(format!("step_{:06}.png", self.step));
-        let note = format!(
-            "ldm train-vae step {}: originals (top), reconstructions (bottom)",
-            self.step
-        );
-        crate::image_io::save_png(&grid, &path, &note, true)?;
-        Ok(path)
     }
 
     /// Writes `output/vae/` and returns the measured scaling factor with the folder.
@@ -570,6 +450,111 @@ impl<'a> Run<'a> {
             "the latents have no spread (variance {variance}); cannot set scaling_factor"
         );
         Ok(1.0 / variance.sqrt())
+    }
+}
+
+impl TrainingRun for Run<'_> {
+    fn step(&self) -> usize {
+        self.step
+    }
+
+    fn train_step(&mut self) -> anyhow::Result<StepOutcome> {
+        let opts = self.opts;
+        let (indices, flips) = data::next_batch(
+            &mut self.cursor,
+            self.data.len(),
+            opts.batch_size,
+            opts.seed,
+            opts.flip,
+        )?;
+        let (images, _) = self.data.load_batch(&indices, &flips, &opts.device)?;
+        let images = match opts.crop {
+            Some(size) => {
+                let stream = format!("crops at step {}", self.step);
+                data::random_crops(
+                    &images,
+                    size,
+                    &mut SplitMix64::for_stream(opts.seed, &stream),
+                )?
+            }
+            None => images,
+        };
+        let vae = self.model()?;
+        let eps = self.latent_noise(indices.len())?;
+        let images = images.to_dtype(opts.dtype)?;
+        let (terms, _) = negative_elbo(&vae, &images, &eps, opts.recon_loss, opts.kl_weight)?;
+        let losses = scalars(&[&terms.reconstruction, &terms.kl, &terms.total])?;
+        let losses = [losses[0], losses[1], losses[2]];
+        if !losses.iter().all(|v| v.is_finite()) {
+            anyhow::bail!(
+                "the loss is not finite at step {} (reconstruction {}, KL {}): try a lower --lr, --max-grad-norm or --dtype f32",
+                self.step + 1,
+                losses[0],
+                losses[1]
+            );
+        }
+        let mut grads = terms.total.backward()?;
+        let max_norm = opts.max_grad_norm.unwrap_or(f64::INFINITY);
+        let grad_norm = optim::clip_grad_norm(&mut grads, &self.varmap, max_norm)?;
+        let lr = optim::warmup_lr(self.step, opts.lr, opts.warmup_steps);
+        self.optim.step(&grads, lr)?;
+        if let Some(ema) = &mut self.ema {
+            ema.update(&self.varmap)?;
+        }
+        self.step += 1;
+        self.log.record(self.step, &losses)?;
+        self.last_losses = Some(losses);
+        Ok(StepOutcome {
+            lr,
+            grad_norm,
+            losses: LOSS_COLUMNS.into_iter().zip(losses).collect(),
+        })
+    }
+
+    fn save_checkpoint(&mut self, observer: &mut dyn TrainObserver) -> anyhow::Result<()> {
+        let state = TrainState {
+            step: self.step,
+            epoch: self.cursor.epoch,
+            position_in_epoch: self.cursor.position_in_epoch,
+            rng: self.generator.state(),
+            extra: self.identity.clone(),
+        };
+        checkpoint::save_checkpoint(
+            &self.opts.output,
+            &self.varmap,
+            &self.optim,
+            self.ema.as_ref(),
+            &state,
+        )?;
+        observer.on_message(&format!("checkpoint saved at step {}", self.step));
+        Ok(())
+    }
+
+    /// `output/samples/step-NNNNNN.png` (named as the U-Net trainer's): the first images of the
+    /// data set (top row) above their reconstructions from the posterior mean (bottom row).
+    fn save_samples(&mut self, observer: &mut dyn TrainObserver) -> anyhow::Result<()> {
+        let count = self.data.len().min(SAMPLE_IMAGES);
+        let indices: Vec<usize> = (0..count).collect();
+        let (images, _) = self
+            .data
+            .load_batch(&indices, &vec![false; count], &self.opts.device)?;
+        let vae = self.model()?;
+        let images = images.to_dtype(self.opts.dtype)?;
+        let decoded = vae.decode(&vae.encode(&images)?.mode())?.detach();
+        let originals = crate::image_io::decoded_to_images(&images)?;
+        let reconstructions = crate::image_io::decoded_to_images(&decoded)?;
+        let grid = image_grid(&[originals, reconstructions].concat(), count, 2);
+        let dir = self.opts.output.join("samples");
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join(format!("step-{:06}.png", self.step));
+        let note = format!(
+            "ldm train-vae step {}: originals (top), reconstructions (bottom)",
+            self.step
+        );
+        crate::image_io::save_png(&grid, &path, &note, true)?;
+        observer.on_message(&format!("samples: {}", path.display()));
+        Ok(())
     }
 }
 
