@@ -310,6 +310,84 @@ fn a_short_run_learns_and_exports_a_loadable_vae() {
     candle_core::safetensors::save(&dump, check_dir.join("decode_check.safetensors")).unwrap();
 }
 
+/// Decoder-only fine-tuning from a trained VAE: it starts from that VAE's weights (its first
+/// losses are far below a fresh run's), changes the decoder, and exports an encoder and a
+/// scaling factor bit-identical to the pretrained ones, so latent models trained on the old
+/// latents still fit.
+#[test]
+fn decoder_only_fine_tuning_keeps_the_encoder_and_scaling_factor() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    make_shapes(&data, 12, 16);
+    let base_out = root.path().join("base");
+    let mut base_observer = Scripted::default();
+    let base = run(
+        &TrainVaeOptions {
+            max_steps: 60,
+            ..options(&data, &base_out)
+        },
+        &mut base_observer,
+    );
+
+    let tuned_out = root.path().join("tuned");
+    let tuned_opts = TrainVaeOptions {
+        architecture: VaeArchitecture::Pretrained(base_out.clone()),
+        decoder_only: true,
+        max_steps: 20,
+        ema_decay: Some(0.9),
+        ..options(&data, &tuned_out)
+    };
+    let mut tuned_observer = Scripted::default();
+    let tuned = run(&tuned_opts, &mut tuned_observer);
+
+    let (fresh_start, tuned_start) = (
+        base_observer.reconstruction[0],
+        tuned_observer.reconstruction[0],
+    );
+    eprintln!(
+        "first reconstruction loss: fresh {fresh_start:.4}, from pretrained {tuned_start:.4}; \
+         pretrained's last {:.4}",
+        base_observer.reconstruction.last().unwrap()
+    );
+    assert!(tuned_start < 0.5 * fresh_start);
+    assert_eq!(tuned.scaling_factor, base.scaling_factor);
+
+    let before = tensors(&base_out.join("vae/diffusion_pytorch_model.safetensors"));
+    let after = tensors(&tuned_out.join("vae/diffusion_pytorch_model.safetensors"));
+    assert_eq!(before.keys().len(), after.keys().len());
+    let mut changed_decoder = 0;
+    for (name, t) in &before {
+        let same = bits(t) == bits(&after[name]);
+        if name.starts_with("decoder.") || name.starts_with("post_quant_conv.") {
+            changed_decoder += usize::from(!same);
+        } else {
+            assert!(same, "{name} changed in a decoder-only run");
+        }
+    }
+    assert!(
+        changed_decoder > 10,
+        "only {changed_decoder} decoder tensors changed"
+    );
+    // Only the decoder is trained, so only it is checkpointed.
+    let checkpoint = tensors(&tuned_out.join("checkpoint/model.safetensors"));
+    assert!(checkpoint
+        .keys()
+        .all(|name| name.starts_with("decoder.") || name.starts_with("post_quant_conv.")));
+
+    let err = train(
+        &TrainVaeOptions {
+            decoder_only: true,
+            ..options(&data, &root.path().join("no-pretrained"))
+        },
+        &mut Scripted::default(),
+    )
+    .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("needs a pretrained VAE"),
+        "{err:#}"
+    );
+}
+
 /// A run stopped by Ctrl-C at step 3, resumed, killed at step 7 (last checkpoint: 6) and
 /// resumed again ends bit-identical to an uninterrupted 8-step run: weights, EMA, optimizer
 /// state and the loss log.

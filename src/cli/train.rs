@@ -33,6 +33,16 @@ pub struct TrainVaeArgs {
     #[arg(long, value_name = "FILE", conflicts_with_all = ["block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups"])]
     pub config: Option<PathBuf>,
 
+    /// Start from a trained VAE (a vae/ folder, e.g. an earlier train-vae output, or a pipeline
+    /// folder holding one): its config gives the architecture, its weights the initial values.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups"])]
+    pub pretrained: Option<PathBuf>,
+
+    /// Train only the decoder of --pretrained: its encoder, latent space and scaling factor stay
+    /// as they are, so diffusion models trained on its latents work with the new decoder.
+    #[arg(long, requires = "pretrained")]
+    pub decoder_only: bool,
+
     /// Channels of each encoder/decoder level; n levels downsample by 2^(n-1).
     #[arg(
         long,
@@ -121,7 +131,7 @@ pub struct TrainVaeArgs {
     #[arg(long, value_name = "N")]
     pub save_every: Option<usize>,
 
-    /// Every N steps, write samples/step_N.png: originals above reconstructions.
+    /// Every N steps (and at the end), write samples/step-N.png: originals above reconstructions.
     #[arg(long, value_name = "N")]
     pub sample_every: Option<usize>,
 
@@ -136,9 +146,10 @@ pub struct TrainVaeArgs {
 
 impl TrainVaeArgs {
     fn options(&self) -> anyhow::Result<TrainVaeOptions> {
-        let architecture = match &self.config {
-            Some(path) => VaeArchitecture::ConfigFile(path.clone()),
-            None => VaeArchitecture::Sizes {
+        let architecture = match (&self.pretrained, &self.config) {
+            (Some(dir), _) => VaeArchitecture::Pretrained(dir.clone()),
+            (None, Some(path)) => VaeArchitecture::ConfigFile(path.clone()),
+            (None, None) => VaeArchitecture::Sizes {
                 block_out_channels: self.block_out_channels.clone(),
                 layers_per_block: self.layers_per_block,
                 latent_channels: self.latent_channels,
@@ -166,6 +177,7 @@ impl TrainVaeArgs {
             device,
             dtype: self.dtype.dtype(),
             ema_decay: self.ema_decay,
+            decoder_only: self.decoder_only,
             save_every: self.save_every,
             sample_every: self.sample_every,
             resume: self.resume,

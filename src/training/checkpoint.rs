@@ -164,7 +164,7 @@ pub fn load_checkpoint(
     let state: StateFile = crate::config::read_json(&state_path)?;
     let device = first_var_device(vars);
     let weights = read_tensors(&dir.join(MODEL_FILE), &device)?;
-    load_weights(vars, &weights).with_context(|| format!("in {}", dir.display()))?;
+    set_vars(vars, &weights).with_context(|| format!("in {}", dir.display()))?;
     let moments = read_tensors(&dir.join(OPTIMIZER_FILE), &device)?;
     optim
         .load_state(&moments, state.optimizer_step)
@@ -206,22 +206,23 @@ pub fn check_same_run(saved: &Value, current: &Value, out_dir: &Path) -> anyhow:
     Ok(())
 }
 
-/// Sets every variable from `weights`, which must name exactly the same variables and shapes.
-fn load_weights(vars: &VarMap, weights: &HashMap<String, Tensor>) -> anyhow::Result<()> {
+/// Sets every variable from `weights`, which must name exactly the same variables and shapes
+/// (a checkpoint's, or a pretrained model's to start from).
+pub fn set_vars(vars: &VarMap, weights: &HashMap<String, Tensor>) -> anyhow::Result<()> {
     let vars = vars.data().lock().unwrap();
     anyhow::ensure!(
         vars.len() == weights.len(),
-        "the checkpoint has {} tensors, the model {} variables",
+        "the weights have {} tensors, the model {} variables",
         weights.len(),
         vars.len()
     );
     for (name, var) in vars.iter() {
         let saved = weights
             .get(name)
-            .with_context(|| format!("the checkpoint lacks {name}"))?;
+            .with_context(|| format!("the weights lack {name}"))?;
         anyhow::ensure!(
             saved.shape() == var.shape(),
-            "{name}: checkpoint shape {:?}, model shape {:?}",
+            "{name}: saved shape {:?}, model shape {:?}",
             saved.shape(),
             var.shape()
         );

@@ -14,21 +14,28 @@
 //! the batch. Because the KL is a per-image sum and the reconstruction a per-pixel mean, useful
 //! `kl_weight`s are small (default 1e-6, diffusers' default).
 //!
+//! A run may start from a trained VAE (`VaeArchitecture::Pretrained`) and, with `decoder_only`,
+//! train only its decoder: the encoder, hence the latent space a diffusion model was trained on,
+//! stays bit-identical, and so does the scaling factor (how Stable Diffusion's ft-EMA/ft-MSE
+//! VAEs were made). The KL term then has no gradient; it is still logged.
+//!
 //! At the end the latent scaling factor is measured as the LDM paper does — `1 / std` of sampled
 //! training latents (all images, at most `SCALING_FACTOR_IMAGES`) — and written into the
 //! exported `OUT/vae/config.json` with the weights (EMA ones if `ema_decay` is set).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarMap;
+use candle_nn::{VarBuilder, VarMap};
 use serde_json::{json, Value};
 
 use super::checkpoint::{self, TrainState};
 use super::data::{self, DataCursor, ImageFolder};
 use super::driver::{self, LoopPlan, StepOutcome, TrainingRun};
+use super::export;
 use super::metrics::{image_grid, LossLog, TrainObserver, LOSS_PLOT};
 use super::optim::{self, AdamW, AdamWConfig, Ema};
 use super::SplitMix64;
@@ -55,6 +62,9 @@ pub enum ReconLoss {
 #[derive(Debug, Clone, PartialEq)]
 pub enum VaeArchitecture {
     ConfigFile(PathBuf),
+    /// A trained VAE to start from: a `vae/` folder, or a pipeline folder holding one; its
+    /// config gives the architecture and its weights the initial values.
+    Pretrained(PathBuf),
     Sizes {
         block_out_channels: Vec<usize>,
         layers_per_block: usize,
@@ -69,6 +79,12 @@ impl VaeArchitecture {
     fn config_json(&self, resolution: usize) -> anyhow::Result<Value> {
         match self {
             Self::ConfigFile(path) => crate::config::read_json(path),
+            Self::Pretrained(_) => crate::config::read_json(
+                &self
+                    .pretrained_dir()
+                    .expect("pretrained")
+                    .join("config.json"),
+            ),
             Self::Sizes {
                 block_out_channels,
                 layers_per_block,
@@ -90,6 +106,14 @@ impl VaeArchitecture {
                     "sample_size": resolution,
                 }))
             }
+        }
+    }
+
+    /// The `vae/` folder of a pretrained architecture.
+    fn pretrained_dir(&self) -> Option<PathBuf> {
+        match self {
+            Self::Pretrained(path) => Some(super::unet::resolve_component(path, export::VAE_DIR)),
+            _ => None,
         }
     }
 }
@@ -118,6 +142,8 @@ pub struct TrainVaeOptions {
     /// f32, or bf16/f16 mixed precision on a GPU.
     pub dtype: DType,
     pub ema_decay: Option<f64>,
+    /// Train only the decoder (and `post_quant_conv`) of a `Pretrained` VAE.
+    pub decoder_only: bool,
     pub save_every: Option<usize>,
     pub sample_every: Option<usize>,
     /// Continue from `output/checkpoint` (required when one exists).
@@ -151,6 +177,7 @@ impl TrainVaeOptions {
             device: Device::Cpu,
             dtype: DType::F32,
             ema_decay: None,
+            decoder_only: false,
             save_every: None,
             sample_every: None,
             resume: false,
@@ -168,6 +195,9 @@ impl TrainVaeOptions {
             "crop": self.crop,
             "images": images,
             "ema": self.ema_decay.is_some(),
+            "pretrained": self.architecture.pretrained_dir(),
+            // Absent unless set, so checkpoints from before the option still resume.
+            "decoder_only": self.decoder_only.then_some(true),
         })
     }
 }
@@ -240,6 +270,8 @@ struct Run<'a> {
     step: usize,
     identity: Value,
     log: LossLog,
+    /// Weights that are not trained (the encoder's, in decoder-only runs).
+    frozen: HashMap<String, Tensor>,
     /// The last step's (reconstruction, KL, total), once a step ran.
     last_losses: Option<[f64; 3]>,
 }
@@ -332,6 +364,16 @@ impl<'a> Run<'a> {
         let varmap = VarMap::new();
         let builder = super::seeded_var_builder(&varmap, opts.seed, DType::F32, &opts.device);
         AutoencoderKL::new(builder, &config).context("cannot build the VAE")?;
+        let frozen = match opts.architecture.pretrained_dir() {
+            Some(dir) => load_pretrained(&varmap, &dir, opts.decoder_only)?,
+            None => {
+                anyhow::ensure!(
+                    !opts.decoder_only,
+                    "decoder-only training needs a pretrained VAE to start from"
+                );
+                HashMap::new()
+            }
+        };
         let adamw = AdamWConfig {
             lr: opts.lr,
             weight_decay: opts.weight_decay,
@@ -376,14 +418,22 @@ impl<'a> Run<'a> {
             step: run_state.step,
             identity,
             log,
+            frozen,
             last_losses: None,
         })
     }
 
     /// The model computing in the training dtype from the current master weights.
     fn model(&self) -> candle_core::Result<AutoencoderKL> {
-        let vb = super::compute_var_builder(&self.varmap, self.opts.dtype, &self.opts.device);
+        let weights = self.with_frozen(super::var_tensors(&self.varmap));
+        let vb = VarBuilder::from_tensors(weights, self.opts.dtype, &self.opts.device);
         AutoencoderKL::new(vb, &self.config)
+    }
+
+    /// The trained `weights` completed with the frozen ones: the whole model.
+    fn with_frozen(&self, mut weights: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+        weights.extend(self.frozen.iter().map(|(n, t)| (n.clone(), t.clone())));
+        weights
     }
 
     /// ε for `batch` images, from the run's generator (drawn on the CPU, as for inference).
@@ -397,13 +447,20 @@ impl<'a> Run<'a> {
             .to_device(&self.opts.device)
     }
 
-    /// Writes `output/vae/` and returns the measured scaling factor with the folder.
+    /// Writes `output/vae/` and returns its scaling factor (measured, or the pretrained one in
+    /// decoder-only runs) with the folder.
     fn export(&self) -> anyhow::Result<(f64, PathBuf)> {
-        let weights = match &self.ema {
+        let weights = self.with_frozen(match &self.ema {
             Some(ema) => ema.tensors(),
             None => super::var_tensors(&self.varmap),
+        });
+        // A frozen encoder keeps the latents, and the diffusion models trained on them need
+        // the scaling factor they were trained with.
+        let factor = if self.opts.decoder_only {
+            self.config.scaling_factor
+        } else {
+            self.measure_scaling_factor(&weights)?
         };
-        let factor = self.measure_scaling_factor(&weights)?;
         let mut config = self.config_json.clone();
         config["scaling_factor"] = json!(factor);
         let dir = self.opts.output.join("vae");
@@ -556,6 +613,42 @@ impl TrainingRun for Run<'_> {
         observer.on_message(&format!("samples: {}", path.display()));
         Ok(())
     }
+}
+
+/// Sets `varmap` to the weights of the trained VAE in `dir`. With `decoder_only`, the variables
+/// outside the decoder are then taken out of `varmap` (so no optimizer sees them) and returned.
+fn load_pretrained(
+    varmap: &VarMap,
+    dir: &Path,
+    decoder_only: bool,
+) -> anyhow::Result<HashMap<String, Tensor>> {
+    let path = export::diffusers_weights(dir)?;
+    let device = varmap
+        .all_vars()
+        .first()
+        .map_or(Device::Cpu, |v| v.device().clone());
+    let weights = candle_core::safetensors::load(&path, &device)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    checkpoint::set_vars(varmap, &weights).with_context(|| {
+        format!(
+            "{} does not fit its config.json (or the architecture flags)",
+            path.display()
+        )
+    })?;
+    if !decoder_only {
+        return Ok(HashMap::new());
+    }
+    let is_decoder =
+        |name: &str| name.starts_with("decoder.") || name.starts_with("post_quant_conv.");
+    let mut vars = varmap.data().lock().unwrap();
+    let frozen: Vec<String> = vars.keys().filter(|n| !is_decoder(n)).cloned().collect();
+    Ok(frozen
+        .into_iter()
+        .filter_map(|name| {
+            let var = vars.remove(&name)?;
+            Some((name, var.as_tensor().detach()))
+        })
+        .collect())
 }
 
 /// Writes a diffusers `vae/` folder: `config.json` and `diffusion_pytorch_model.safetensors`
