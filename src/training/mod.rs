@@ -1,8 +1,9 @@
 //! Training: the VAE (`train-vae`) and the text-conditioned latent U-Net (`train`).
 //!
-//! Both loops share the pieces here: a captioned image folder (`data`), AdamW with warm-up,
-//! clipping and EMA (`optim`), atomic checkpoints that resume bit-for-bit (`checkpoint`), and the
-//! loss log, plot and progress display (`metrics`). Everything random in training (weight
+//! Both trainers share the pieces here: one loop with its stop, checkpoint and sample points
+//! (`driver`), a captioned image folder (`data`), AdamW with warm-up, clipping and EMA (`optim`),
+//! atomic checkpoints that resume bit-for-bit (`checkpoint`), and the loss log, plot and progress
+//! display (`metrics`). Everything random in training (weight
 //! initialisation, data order, flips, noise) is derived from `--seed`, so a resumed run repeats
 //! an uninterrupted one exactly.
 
