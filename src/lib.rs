@@ -12,6 +12,7 @@ pub mod device;
 pub mod durable;
 pub mod image_io;
 pub mod infotext;
+pub mod kernels;
 pub mod model_source;
 pub mod models;
 pub mod pipelines;

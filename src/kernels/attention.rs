@@ -1,0 +1,308 @@
+//! Scaled dot-product attention as one fused CPU operation, forward and backward.
+//!
+//! Work is split over (batch, head, block of `QUERY_BLOCK` queries): each block's scores
+//! against all keys live in a per-task scratch buffer (`QUERY_BLOCK × keys`), so the
+//! `[batch·heads, L, L]` score matrix is never materialised (1 GiB per tensor for SD at 512²
+//! in f32), the softmax is one pass over a buffer in cache, and each product is one
+//! single-threaded gemm on strided views of q/k/v: no transposes, no `contiguous()` copies.
+//! The backward pass recomputes the probabilities from the saved log-sum-exp (as
+//! FlashAttention and PyTorch's CPU kernel do) and parallelises over (batch, head).
+
+use std::sync::Mutex;
+
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use super::gemm::{matmul, Matrix};
+use super::{cpu_f32, simd, uses_cpu_kernel};
+
+/// Queries per work item: small enough that `QUERY_BLOCK × keys` scores stay in L2 cache.
+const QUERY_BLOCK: usize = 64;
+
+/// Softmax(q kᵀ / √d) v over heads.
+///
+/// `q`: `[batch, q_len, heads, head_dim]`, `k` and `v`: `[batch, kv_len, heads, head_dim]`
+/// (the layout the projections produce: no head transposes needed); returns
+/// `[batch, q_len, heads, head_dim]`. `causal` lets query `i` see keys `0..=i` (CLIP), and
+/// needs `q_len == kv_len`. Half-precision inputs are computed in f32 on the CPU; other
+/// devices use [`attention_composed`].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
+    check_shapes(q, k, v, causal)?;
+    if !uses_cpu_kernel(q) {
+        return attention_composed(q, k, v, causal);
+    }
+    let dtype = q.dtype();
+    let op = AttentionOp {
+        causal,
+        log_sum_exp: Mutex::new(None),
+    };
+    let (q, k, v) = (
+        q.to_dtype(DType::F32)?,
+        k.to_dtype(DType::F32)?,
+        v.to_dtype(DType::F32)?,
+    );
+    // The op returns [batch, heads, q_len, head_dim], so that each task writes one block.
+    q.apply_op3(&k, &v, op)?.transpose(1, 2)?.to_dtype(dtype)
+}
+
+/// The same attention from candle's primitive ops (the reference, and the GPU path).
+/// Scores and softmax run in f32 for f16 inputs (diffusers' `upcast_attention`).
+pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
+    check_shapes(q, k, v, causal)?;
+    let dtype = q.dtype();
+    let score_dtype = if dtype == DType::F16 {
+        DType::F32
+    } else {
+        dtype
+    };
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    let q = (q.transpose(1, 2)?.to_dtype(score_dtype)? * scale)?.contiguous()?;
+    let k_t = k
+        .permute((0, 2, 3, 1))?
+        .to_dtype(score_dtype)?
+        .contiguous()?;
+    let mut scores = q.matmul(&k_t)?;
+    if causal {
+        let len = scores.dim(D::Minus1)?;
+        let mask: Vec<f32> = (0..len * len)
+            .map(|i| {
+                if i % len > i / len {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (len, len), scores.device())?.to_dtype(score_dtype)?;
+        scores = scores.broadcast_add(&mask)?;
+    }
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
+    probs
+        .matmul(&v.transpose(1, 2)?.contiguous()?)?
+        .transpose(1, 2)
+}
+
+fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<()> {
+    let (batch, q_len, heads, head_dim) = q.dims4()?;
+    let (kb, kv_len, kh, kd) = k.dims4()?;
+    if (kb, kh, kd) != (batch, heads, head_dim) || k.dims() != v.dims() {
+        bail!(
+            "attention: q {:?}, k {:?} and v {:?} disagree",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if causal && q_len != kv_len {
+        bail!("causal attention needs as many queries as keys ({q_len} vs {kv_len})");
+    }
+    Ok(())
+}
+
+/// Strided view of a `[batch, len, heads, head_dim]` tensor with a unit last stride.
+#[derive(Clone, Copy)]
+struct HeadsView<'a> {
+    data: &'a [f32],
+    len: usize,
+    head_dim: usize,
+    strides: [usize; 3],
+}
+
+impl<'a> HeadsView<'a> {
+    fn new(data: &'a [f32], layout: &Layout) -> Result<Self> {
+        let (_, len, _, head_dim) = layout.shape().dims4()?;
+        let stride = layout.stride();
+        if stride[3] != 1 && head_dim > 1 {
+            bail!("attention: the head dimension must be contiguous");
+        }
+        Ok(Self {
+            data: &data[layout.start_offset()..],
+            len,
+            head_dim,
+            strides: [stride[0], stride[1], stride[2]],
+        })
+    }
+
+    /// Rows `start..start + rows` of head `head` in batch `batch`, as a `rows × head_dim` matrix.
+    fn rows(&self, batch: usize, head: usize, start: usize, rows: usize) -> Matrix<'a> {
+        let offset = batch * self.strides[0] + head * self.strides[2] + start * self.strides[1];
+        Matrix::rows(&self.data[offset..], rows, self.head_dim, self.strides[1])
+    }
+}
+
+struct AttentionOp {
+    causal: bool,
+    /// `[batch, heads, q_len]` log-sum-exp of each score row, kept for the backward pass.
+    log_sum_exp: Mutex<Option<Vec<f32>>>,
+}
+
+impl AttentionOp {
+    /// Keys visible to the queries `start..end`.
+    fn visible_keys(&self, end: usize, kv_len: usize) -> usize {
+        if self.causal {
+            end
+        } else {
+            kv_len
+        }
+    }
+
+    /// Scaled scores of queries `start..start+rows` against the visible keys, causally masked.
+    fn scores(&self, scores: &mut [f32], q: Matrix, k: Matrix, start: usize, scale: f32) {
+        let keys = k.rows;
+        matmul(scores, keys, q, k.t(), scale, false);
+        if self.causal {
+            for (row, scores) in scores.chunks_exact_mut(keys).enumerate() {
+                scores[start + row + 1..].fill(f32::NEG_INFINITY);
+            }
+        }
+    }
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "ldm-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_layout: &Layout,
+        k: &CpuStorage,
+        k_layout: &Layout,
+        v: &CpuStorage,
+        v_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (batch, q_len, heads, head_dim) = q_layout.shape().dims4()?;
+        let q = HeadsView::new(cpu_f32(q)?, q_layout)?;
+        let k = HeadsView::new(cpu_f32(k)?, k_layout)?;
+        let v = HeadsView::new(cpu_f32(v)?, v_layout)?;
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let mut out = vec![0f32; batch * heads * q_len * head_dim];
+        let mut lse = vec![0f32; batch * heads * q_len];
+        if !out.is_empty() {
+            out.par_chunks_mut(q_len * head_dim)
+                .zip(lse.par_chunks_mut(q_len))
+                .enumerate()
+                .for_each(|(bh, (out, lse))| {
+                    let (b, h) = (bh / heads, bh % heads);
+                    out.par_chunks_mut(QUERY_BLOCK * head_dim)
+                        .zip(lse.par_chunks_mut(QUERY_BLOCK))
+                        .enumerate()
+                        .for_each(|(block, (out, lse))| {
+                            let start = block * QUERY_BLOCK;
+                            let rows = lse.len();
+                            let keys = self.visible_keys(start + rows, k.len);
+                            let mut probs = vec![0f32; rows * keys];
+                            let q_rows = q.rows(b, h, start, rows);
+                            self.scores(&mut probs, q_rows, k.rows(b, h, 0, keys), start, scale);
+                            for (row, lse) in probs.chunks_exact_mut(keys).zip(lse.iter_mut()) {
+                                *lse = simd::softmax_in_place(row);
+                            }
+                            let probs = Matrix::rows(&probs, rows, keys, keys);
+                            matmul(out, head_dim, probs, v.rows(b, h, 0, keys), 1.0, false);
+                        });
+                });
+        }
+        *self.log_sum_exp.lock().expect("attention state poisoned") = Some(lse);
+        let shape = Shape::from((batch, heads, q_len, head_dim));
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse = self.log_sum_exp.lock().expect("attention state poisoned");
+        let Some(lse) = lse.as_ref() else {
+            bail!("attention backward without a forward pass");
+        };
+        let (batch, q_len, heads, head_dim) = q.dims4()?;
+        let kv_len = k.dim(1)?;
+        let grad_out = grad_out.contiguous()?;
+        let (q_storage, q_layout) = q.storage_and_layout();
+        let (k_storage, k_layout) = k.storage_and_layout();
+        let (v_storage, v_layout) = v.storage_and_layout();
+        let (o_storage, o_layout) = out.storage_and_layout();
+        let (g_storage, g_layout) = grad_out.storage_and_layout();
+        let qv = HeadsView::new(super::storage_f32(&q_storage)?, q_layout)?;
+        let kv = HeadsView::new(super::storage_f32(&k_storage)?, k_layout)?;
+        let vv = HeadsView::new(super::storage_f32(&v_storage)?, v_layout)?;
+        // out and grad_out are contiguous [batch, heads, q_len, head_dim].
+        let o = &super::storage_f32(&o_storage)?[o_layout.start_offset()..];
+        let g = &super::storage_f32(&g_storage)?[g_layout.start_offset()..];
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let mut dq = vec![0f32; batch * heads * q_len * head_dim];
+        let mut dk = vec![0f32; batch * heads * kv_len * head_dim];
+        let mut dv = vec![0f32; batch * heads * kv_len * head_dim];
+        let per_q = q_len * head_dim;
+        let per_kv = kv_len * head_dim;
+        if per_q > 0 && per_kv > 0 {
+            dq.par_chunks_mut(per_q)
+                .zip(dk.par_chunks_mut(per_kv))
+                .zip(dv.par_chunks_mut(per_kv))
+                .enumerate()
+                .for_each(|(bh, ((dq, dk), dv))| {
+                    let (b, h) = (bh / heads, bh % heads);
+                    let o = &o[bh * per_q..(bh + 1) * per_q];
+                    let g = &g[bh * per_q..(bh + 1) * per_q];
+                    let lse = &lse[bh * q_len..(bh + 1) * q_len];
+                    for start in (0..q_len).step_by(QUERY_BLOCK) {
+                        let rows = QUERY_BLOCK.min(q_len - start);
+                        let keys = self.visible_keys(start + rows, kv_len);
+                        let q_rows = qv.rows(b, h, start, rows);
+                        let k_rows = kv.rows(b, h, 0, keys);
+                        let block = start * head_dim..(start + rows) * head_dim;
+                        let g_rows = Matrix::rows(&g[block.clone()], rows, head_dim, head_dim);
+                        let mut probs = vec![0f32; rows * keys];
+                        self.scores(&mut probs, q_rows, k_rows, start, scale);
+                        for (row, &lse) in probs.chunks_exact_mut(keys).zip(&lse[start..]) {
+                            if lse == f32::NEG_INFINITY {
+                                row.fill(0.0);
+                            } else {
+                                simd::exp_shifted(row, lse);
+                            }
+                        }
+                        let p = Matrix::rows(&probs, rows, keys, keys);
+                        matmul(dv, head_dim, p.t(), g_rows, 1.0, true);
+                        // dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)).
+                        let mut grad_scores = vec![0f32; rows * keys];
+                        matmul(
+                            &mut grad_scores,
+                            keys,
+                            g_rows,
+                            vv.rows(b, h, 0, keys).t(),
+                            1.0,
+                            false,
+                        );
+                        for (r, (ds, p)) in grad_scores
+                            .chunks_exact_mut(keys)
+                            .zip(probs.chunks_exact(keys))
+                            .enumerate()
+                        {
+                            let row = (start + r) * head_dim..(start + r + 1) * head_dim;
+                            let delta = simd::dot(&g[row.clone()], &o[row]);
+                            for (ds, &p) in ds.iter_mut().zip(p) {
+                                *ds = p * (*ds - delta);
+                            }
+                        }
+                        let ds = Matrix::rows(&grad_scores, rows, keys, keys);
+                        matmul(&mut dq[block], head_dim, ds, k_rows, scale, false);
+                        matmul(dk, head_dim, ds.t(), q_rows, scale, true);
+                    }
+                });
+        }
+        let device = q.device();
+        let to_tensor = |grad: Vec<f32>, len: usize| {
+            Tensor::from_vec(grad, (batch, heads, len, head_dim), device)?.transpose(1, 2)
+        };
+        Ok((
+            Some(to_tensor(dq, q_len)?),
+            Some(to_tensor(dk, kv_len)?),
+            Some(to_tensor(dv, kv_len)?),
+        ))
+    }
+}

@@ -1,0 +1,65 @@
+//! ldm's own hot operations: candle custom ops with fused CPU forward AND backward passes,
+//! used by the one model code for inference and training alike.
+//!
+//! candle's fused `softmax_last_dim`/`layer_norm` have no backward pass and its GroupNorm is
+//! ~11 single-threaded passes; each op here is one parallel pass each way (vectorised for
+//! AVX-512/AVX2 at run time, see `simd`). Every public op `x` has an `x_composed` twin built
+//! from candle's primitive ops: the reference the tests hold the kernel to, and the path on
+//! devices without a kernel here (CUDA, Metal) and for f64.
+
+pub mod attention;
+pub mod geglu;
+mod gemm;
+pub mod group_norm;
+pub mod layer_norm;
+mod simd;
+pub mod softmax;
+
+pub use attention::{attention, attention_composed};
+pub use geglu::{geglu, geglu_composed};
+pub use group_norm::{group_norm, group_norm_composed};
+pub use layer_norm::{layer_norm, layer_norm_composed};
+pub use softmax::{softmax_last_dim, softmax_last_dim_composed};
+
+use candle_core::{bail, CpuStorage, DType, Result, Storage, Tensor};
+
+/// Whether `xs` runs through the CPU kernels: CPU tensors in f32, f16 or bf16 (half
+/// precision is computed in f32). f64 stays on the composed path, which is exact.
+fn uses_cpu_kernel(xs: &Tensor) -> bool {
+    xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::F16 | DType::BF16)
+}
+
+fn cpu_f32(storage: &CpuStorage) -> Result<&[f32]> {
+    match storage {
+        CpuStorage::F32(data) => Ok(data),
+        _ => bail!("ldm kernel: expected an f32 tensor"),
+    }
+}
+
+fn storage_f32(storage: &Storage) -> Result<&[f32]> {
+    match storage {
+        Storage::Cpu(storage) => cpu_f32(storage),
+        _ => bail!("ldm kernel: expected a CPU tensor"),
+    }
+}
+
+/// Runs `f` on the row-major f32 contents of a CPU tensor (copied only when `xs` is a
+/// strided view or another dtype).
+fn read_f32<R>(xs: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let xs = xs.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = xs.storage_and_layout();
+    let start = layout.start_offset();
+    f(&storage_f32(&storage)?[start..start + xs.elem_count()])
+}
+
+/// f32 for statistics over half-precision tensors, otherwise the tensor's own dtype.
+pub fn internal_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
+}
+
+/// Work items for reductions over rows: a fixed count (not the thread count) so that
+/// gradient sums are bit-identical on every machine.
+const ROW_CHUNKS: usize = 64;

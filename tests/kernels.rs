@@ -1,0 +1,352 @@
+//! The fused kernels against candle's composed ops, forward and backward.
+//!
+//! The reference is each op's `_composed` twin run in f64 (exact to ~1e-15), so the stated
+//! tolerances measure the kernels' f32 error alone; half-precision inputs are checked against
+//! the f32 kernel within their own rounding. One directional finite-difference check per op
+//! guards the reference's gradients themselves.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use ldm::kernels;
+
+/// Deterministic values in [-scale, scale) from a 64-bit LCG (tests must not depend on an
+/// unseeded generator).
+fn values(shape: &[usize], seed: u64, scale: f64) -> Tensor {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let count: usize = shape.iter().product();
+    let data: Vec<f64> = (0..count)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * scale
+        })
+        .collect();
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// Runs `op` on f32 copies of `inputs` (the kernel) and on the f64 originals (the composed
+/// reference), then backpropagates `Σ out · probe` through both; returns the largest output
+/// difference and the largest gradient difference relative to the gradient's scale.
+fn compare(inputs: &[Tensor], op: impl Fn(&[Tensor]) -> Result<Tensor>) -> (f64, f64) {
+    let run = |dtype: DType| {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap())
+            .collect();
+        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = op(&tensors).unwrap();
+        let probe = values(out.dims(), 99, 1.0).to_dtype(dtype).unwrap();
+        let grads = (&out * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let grads: Vec<Tensor> = vars.iter().map(|v| grads.get(v).unwrap().clone()).collect();
+        (out, grads)
+    };
+    let (out32, grads32) = run(DType::F32);
+    let (out64, grads64) = run(DType::F64);
+    let grad_err = grads32
+        .iter()
+        .zip(&grads64)
+        .map(|(a, b)| {
+            let scale = b
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+                .max(1e-3);
+            max_diff(a, b) / scale
+        })
+        .fold(0.0, f64::max);
+    (max_diff(&out32, &out64), grad_err)
+}
+
+/// Directional finite difference of `Σ op(x) · probe` along `direction` (f64 composed path)
+/// against the kernel's f32 gradient.
+fn check_finite_difference(input: &Tensor, op: impl Fn(&Tensor) -> Result<Tensor>) {
+    let direction = values(input.dims(), 7, 1.0);
+    let loss = |x: &Tensor| {
+        let out = op(x).unwrap();
+        let probe = values(out.dims(), 99, 1.0).to_dtype(out.dtype()).unwrap();
+        (out * probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let h = 1e-5;
+    let numeric = (loss(&(input + (&direction * h).unwrap()).unwrap())
+        - loss(&(input - (&direction * h).unwrap()).unwrap()))
+        / (2.0 * h);
+    let var = Var::from_tensor(&input.to_dtype(DType::F32).unwrap()).unwrap();
+    let out = op(var.as_tensor()).unwrap();
+    let probe = values(out.dims(), 99, 1.0).to_dtype(DType::F32).unwrap();
+    let grads = (out * probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let analytic = (grads.get(&var).unwrap().to_dtype(DType::F64).unwrap() * direction)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let rel = (analytic - numeric).abs() / numeric.abs().max(1e-3);
+    assert!(
+        rel < 1e-3,
+        "finite difference {numeric} vs kernel gradient {analytic}"
+    );
+}
+
+#[test]
+fn attention_matches_composed_ops_forward_and_backward() {
+    // (batch, q_len, kv_len, heads, head_dim, causal): SD's head dims 40/64/80/160, lengths that
+    // are not multiples of the 64-query block, cross-attention (77 keys), CLIP's causal mask.
+    let cases = [
+        (2, 70, 70, 2, 40, false),
+        (1, 129, 77, 3, 64, false),
+        (2, 33, 17, 1, 80, false),
+        (1, 65, 65, 2, 160, false),
+        (2, 77, 77, 4, 16, true),
+        (1, 1, 1, 1, 8, true),
+    ];
+    for (i, &(b, l, s, h, d, causal)) in cases.iter().enumerate() {
+        let q = values(&[b, l, h, d], 3 * i as u64, 2.0);
+        let k = values(&[b, s, h, d], 3 * i as u64 + 1, 2.0);
+        let v = values(&[b, s, h, d], 3 * i as u64 + 2, 1.0);
+        let (out_err, grad_err) = compare(&[q, k, v], |t| {
+            if t[0].dtype() == DType::F64 {
+                kernels::attention_composed(&t[0], &t[1], &t[2], causal)
+            } else {
+                kernels::attention(&t[0], &t[1], &t[2], causal)
+            }
+        });
+        assert!(out_err < 2e-6, "case {i}: forward error {out_err}");
+        assert!(grad_err < 1e-5, "case {i}: gradient error {grad_err}");
+    }
+}
+
+#[test]
+fn attention_accepts_transposed_views_and_half_precision() {
+    // q as a strided view ([b, h, l, d] storage seen as [b, l, h, d]).
+    let q = values(&[2, 3, 50, 40], 1, 2.0)
+        .to_dtype(DType::F32)
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap();
+    let k = values(&[2, 50, 3, 40], 2, 2.0)
+        .to_dtype(DType::F32)
+        .unwrap();
+    let v = values(&[2, 50, 3, 40], 3, 1.0)
+        .to_dtype(DType::F32)
+        .unwrap();
+    let fused = kernels::attention(&q, &k, &v, false).unwrap();
+    let reference = kernels::attention_composed(&q, &k, &v, false).unwrap();
+    assert!(max_diff(&fused, &reference) < 2e-6);
+    for dtype in [DType::F16, DType::BF16] {
+        let half = |t: &Tensor| t.to_dtype(dtype).unwrap();
+        let out = kernels::attention(&half(&q), &half(&k), &half(&v), false).unwrap();
+        assert_eq!(out.dtype(), dtype);
+        let tolerance = if dtype == DType::F16 { 3e-3 } else { 2e-2 };
+        assert!(
+            max_diff(&out, &reference) < tolerance,
+            "{dtype:?}: {}",
+            max_diff(&out, &reference)
+        );
+    }
+}
+
+#[test]
+fn attention_gradient_matches_finite_differences() {
+    let k = values(&[1, 9, 2, 8], 11, 1.0);
+    let v = values(&[1, 9, 2, 8], 12, 1.0);
+    check_finite_difference(&values(&[1, 9, 2, 8], 10, 1.0), |q| {
+        if q.dtype() == DType::F64 {
+            kernels::attention_composed(q, &k, &v, true)
+        } else {
+            kernels::attention(q, &k.to_dtype(DType::F32)?, &v.to_dtype(DType::F32)?, true)
+        }
+    });
+}
+
+#[test]
+fn group_norm_matches_composed_ops_with_and_without_silu() {
+    // (shape, groups): SD's 32 groups, a group of one channel, a 3-D (1-D spatial) input.
+    let cases: [(&[usize], usize); 4] = [
+        (&[2, 64, 9, 7], 32),
+        (&[3, 6, 5, 5], 6),
+        (&[1, 8, 33], 2),
+        (&[2, 4, 1, 1], 1),
+    ];
+    for (i, (shape, groups)) in cases.into_iter().enumerate() {
+        for silu in [false, true] {
+            let channels = shape[1];
+            let xs = (values(shape, i as u64, 3.0) + 0.5).unwrap();
+            let weight = (values(&[channels], 40 + i as u64, 0.5) + 1.0).unwrap();
+            let bias = values(&[channels], 80 + i as u64, 0.5);
+            let (out_err, grad_err) = compare(&[xs, weight, bias], |t| {
+                let f = if t[0].dtype() == DType::F64 {
+                    kernels::group_norm_composed
+                } else {
+                    kernels::group_norm
+                };
+                f(&t[0], &t[1], &t[2], groups, 1e-6, silu)
+            });
+            assert!(
+                out_err < 1e-5,
+                "case {i} silu {silu}: forward error {out_err}"
+            );
+            assert!(
+                grad_err < 1e-5,
+                "case {i} silu {silu}: gradient error {grad_err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn layer_norm_matches_composed_ops() {
+    for (i, shape) in [&[2usize, 77, 32][..], &[3, 5, 320], &[1, 1, 7], &[200, 3]]
+        .into_iter()
+        .enumerate()
+    {
+        let dim = *shape.last().unwrap();
+        let xs = (values(shape, i as u64, 2.0) + 1.0).unwrap();
+        let weight = (values(&[dim], 10 + i as u64, 0.5) + 1.0).unwrap();
+        let bias = values(&[dim], 20 + i as u64, 0.5);
+        let (out_err, grad_err) = compare(&[xs, weight, bias], |t| {
+            let f = if t[0].dtype() == DType::F64 {
+                kernels::layer_norm_composed
+            } else {
+                kernels::layer_norm
+            };
+            f(&t[0], &t[1], &t[2], 1e-5)
+        });
+        assert!(out_err < 1e-5, "case {i}: forward error {out_err}");
+        assert!(grad_err < 1e-5, "case {i}: gradient error {grad_err}");
+    }
+}
+
+#[test]
+fn softmax_and_geglu_match_composed_ops() {
+    for (i, shape) in [&[4usize, 7, 33][..], &[2, 1], &[3, 1000]]
+        .into_iter()
+        .enumerate()
+    {
+        let xs = values(shape, i as u64, 6.0);
+        let (out_err, grad_err) = compare(&[xs], |t| {
+            if t[0].dtype() == DType::F64 {
+                kernels::softmax_last_dim_composed(&t[0])
+            } else {
+                kernels::softmax_last_dim(&t[0])
+            }
+        });
+        assert!(out_err < 1e-6, "softmax case {i}: forward error {out_err}");
+        assert!(
+            grad_err < 1e-5,
+            "softmax case {i}: gradient error {grad_err}"
+        );
+    }
+    for (i, shape) in [&[2usize, 9, 40][..], &[1, 2], &[3, 5, 1280]]
+        .into_iter()
+        .enumerate()
+    {
+        let xs = values(shape, 30 + i as u64, 4.0);
+        let (out_err, grad_err) = compare(&[xs], |t| {
+            if t[0].dtype() == DType::F64 {
+                kernels::geglu_composed(&t[0])
+            } else {
+                kernels::geglu(&t[0])
+            }
+        });
+        assert!(out_err < 2e-5, "geglu case {i}: forward error {out_err}");
+        assert!(grad_err < 1e-5, "geglu case {i}: gradient error {grad_err}");
+    }
+}
+
+#[test]
+fn norm_and_activation_gradients_match_finite_differences() {
+    let xs = values(&[2, 4, 3, 3], 5, 2.0);
+    let (w, b) = ((values(&[4], 6, 0.5) + 1.0).unwrap(), values(&[4], 7, 0.5));
+    let pick = |x: &Tensor, t: &Tensor| t.to_dtype(x.dtype());
+    check_finite_difference(&xs, |x| {
+        let f = if x.dtype() == DType::F64 {
+            kernels::group_norm_composed
+        } else {
+            kernels::group_norm
+        };
+        f(x, &pick(x, &w)?, &pick(x, &b)?, 2, 1e-6, true)
+    });
+    let rows = values(&[3, 4], 8, 2.0);
+    check_finite_difference(&rows, |x| {
+        let f = if x.dtype() == DType::F64 {
+            kernels::layer_norm_composed
+        } else {
+            kernels::layer_norm
+        };
+        f(x, &pick(x, &w)?, &pick(x, &b)?, 1e-5)
+    });
+    check_finite_difference(&rows, |x| {
+        if x.dtype() == DType::F64 {
+            kernels::softmax_last_dim_composed(x)
+        } else {
+            kernels::softmax_last_dim(x)
+        }
+    });
+    check_finite_difference(&rows, |x| {
+        if x.dtype() == DType::F64 {
+            kernels::geglu_composed(x)
+        } else {
+            kernels::geglu(x)
+        }
+    });
+}
+
+#[test]
+fn half_precision_norms_follow_the_f32_kernel() {
+    let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+    let xs = f32(values(&[2, 8, 5, 5], 1, 2.0));
+    let (w, b) = (f32(values(&[8], 2, 1.0)), f32(values(&[8], 3, 1.0)));
+    let (w5, b5) = (f32(values(&[5], 4, 1.0)), f32(values(&[5], 5, 1.0)));
+    let group_ref = kernels::group_norm(&xs, &w, &b, 4, 1e-5, true).unwrap();
+    let layer_ref = kernels::layer_norm(&xs, &w5, &b5, 1e-5).unwrap();
+    for (dtype, tolerance) in [(DType::F16, 1e-2), (DType::BF16, 6e-2)] {
+        let h = |t: &Tensor| t.to_dtype(dtype).unwrap();
+        let group = kernels::group_norm(&h(&xs), &h(&w), &h(&b), 4, 1e-5, true).unwrap();
+        let layer = kernels::layer_norm(&h(&xs), &h(&w5), &h(&b5), 1e-5).unwrap();
+        assert_eq!((group.dtype(), layer.dtype()), (dtype, dtype));
+        assert!(
+            max_diff(&group, &group_ref) < tolerance,
+            "{dtype:?} group norm"
+        );
+        assert!(
+            max_diff(&layer, &layer_ref) < tolerance,
+            "{dtype:?} layer norm"
+        );
+    }
+}
