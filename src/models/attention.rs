@@ -12,7 +12,8 @@ const CURRENT_NAMES: ProjectionNames = ["to_q", "to_k", "to_v", "to_out.0"];
 /// The names of diffusers' deprecated `AttentionBlock`, still shipped by older SD VAE weights.
 const LEGACY_NAMES: ProjectionNames = ["query", "key", "value", "proj_attn"];
 
-/// Multi-head attention with query/key/value/output projections; softmax runs in f32.
+/// Multi-head attention with query/key/value/output projections (scores in f32, see
+/// `kernels::attention`).
 #[derive(Debug, Clone)]
 pub struct Attention {
     to_q: Linear,
@@ -24,7 +25,7 @@ pub struct Attention {
 
 impl Attention {
     /// query_dim: channels of the hidden states; cross_attention_dim: channels of the context (None = self-attention);
-    /// heads × dim_head = inner dim; qkv_bias: diffusers' `bias` (false in UNet transformers, true in the VAE); upcast softmax in f32 always.
+    /// heads × dim_head = inner dim; qkv_bias: diffusers' `bias` (false in UNet transformers, true in the VAE).
     ///
     /// Accepts the legacy names `query`/`key`/`value`/`proj_attn` when the current ones are
     /// absent, and 1×1-convolution-shaped `[out, in, 1, 1]` projection weights.
@@ -58,11 +59,14 @@ impl Attention {
             Some(context) => context.contiguous()?,
             None => hidden.clone(),
         };
-        let q = nn::split_heads(&self.to_q.forward(&hidden)?, self.heads)?;
-        let k = nn::split_heads(&self.to_k.forward(&context)?, self.heads)?;
-        let v = nn::split_heads(&self.to_v.forward(&context)?, self.heads)?;
-        let attended = nn::scaled_dot_product_attention(&q, &k, &v, None)?;
-        self.to_out.forward(&nn::merge_heads(&attended)?)
+        let attended = nn::multi_head_attention(
+            &self.to_q.forward(&hidden)?,
+            &self.to_k.forward(&context)?,
+            &self.to_v.forward(&context)?,
+            self.heads,
+            false,
+        )?;
+        self.to_out.forward(&attended)
     }
 }
 

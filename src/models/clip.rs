@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use candle_core::{bail, DType, Device, Module, Result, Tensor};
+use candle_core::{bail, Module, Result, Tensor};
 use candle_nn::{Embedding, Init, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -119,15 +119,16 @@ impl ClipAttention {
         })
     }
 
-    fn forward(&self, xs: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
-        let heads = |proj: &Linear| nn::split_heads(&proj.forward(xs)?, self.heads);
-        let attended = nn::scaled_dot_product_attention(
-            &heads(&self.q_proj)?,
-            &heads(&self.k_proj)?,
-            &heads(&self.v_proj)?,
-            Some(causal_mask),
+    /// Causal self-attention: no token looks ahead.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let attended = nn::multi_head_attention(
+            &self.q_proj.forward(xs)?,
+            &self.k_proj.forward(xs)?,
+            &self.v_proj.forward(xs)?,
+            self.heads,
+            true,
         )?;
-        self.out_proj.forward(&nn::merge_heads(&attended)?)
+        self.out_proj.forward(&attended)
     }
 }
 
@@ -173,21 +174,10 @@ impl ClipEncoderLayer {
         })
     }
 
-    fn forward(&self, xs: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
-        let xs = (xs
-            + self
-                .self_attn
-                .forward(&self.layer_norm1.forward(xs)?, causal_mask)?)?;
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = (xs + self.self_attn.forward(&self.layer_norm1.forward(xs)?)?)?;
         &xs + self.mlp.forward(&self.layer_norm2.forward(&xs)?)?
     }
-}
-
-/// `[len, len]` additive mask: 0 on and below the diagonal, -inf above (no look-ahead).
-fn causal_mask(len: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..len)
-        .flat_map(|query| (0..len).map(move |key| if key > query { f32::NEG_INFINITY } else { 0. }))
-        .collect();
-    Tensor::from_vec(mask, (len, len), device)?.to_dtype(dtype)
 }
 
 /// transformers' `CLIPTextModel`.
@@ -240,9 +230,8 @@ impl ClipTextModel {
             );
         }
         let mut xs = self.embeddings.forward(input_ids)?;
-        let mask = causal_mask(input_ids.dim(1)?, xs.dtype(), xs.device())?;
         for layer in &self.layers[..self.layers.len() - skip] {
-            xs = layer.forward(&xs, &mask)?;
+            xs = layer.forward(&xs)?;
         }
         self.final_layer_norm.forward(&xs)
     }

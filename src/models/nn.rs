@@ -1,12 +1,14 @@
 //! Layers shared by the CLIP text encoder, the VAE and the U-Net.
 //!
-//! All of them are built from candle primitives that have backward passes. candle-nn's
-//! `LayerNorm` and `softmax_last_dim` use fused kernels without gradients, so we use our own.
+//! Every layer has a backward pass: the norms, attention and GEGLU run on ldm's fused
+//! `kernels` (candle-nn's fused LayerNorm and softmax have no gradients).
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{bail, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-pub use candle_nn::{GroupNorm, Linear};
+use crate::kernels;
+pub use crate::kernels::internal_dtype;
+pub use candle_nn::Linear;
 
 /// Layer normalisation over the last dimension, computed in f32 for half-precision inputs.
 #[derive(Debug, Clone)]
@@ -26,24 +28,33 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dtype = xs.dtype();
-        let xs = xs.to_dtype(internal_dtype(dtype))?;
-        let mean = xs.mean_keepdim(D::Minus1)?;
-        let centered = xs.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed
-            .to_dtype(dtype)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+        kernels::layer_norm(xs, &self.weight, &self.bias, self.eps)
     }
 }
 
-/// f32 for reductions over half-precision tensors, otherwise the tensor's own dtype.
-pub fn internal_dtype(dtype: DType) -> DType {
-    match dtype {
-        DType::F16 | DType::BF16 => DType::F32,
-        other => other,
+/// Group normalisation over `[batch, channels, ...]`, statistics in f32 for half precision.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// The normalisation followed by `act`; fused into one pass when `act` is SiLU.
+    pub fn forward_then(&self, xs: &Tensor, act: Activation) -> Result<Tensor> {
+        if act == Activation::Silu {
+            kernels::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, true)
+        } else {
+            act.apply(&self.forward(xs)?)
+        }
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        kernels::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, false)
     }
 }
 
@@ -88,10 +99,6 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
-    }
-
     fn forward_unfolded(&self, xs: &Tensor) -> Result<Tensor> {
         let (batch, in_channels, height, width) = xs.dims4()?;
         let (out_channels, _, kernel_h, kernel_w) = self.weight.dims4()?;
@@ -143,57 +150,33 @@ impl Module for Conv2d {
 }
 
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
-    candle_nn::group_norm(groups, channels, eps, vb)
+    if groups == 0 || !channels.is_multiple_of(groups) {
+        bail!("GroupNorm: {groups} groups do not divide {channels} channels");
+    }
+    Ok(GroupNorm {
+        weight: vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?,
+        bias: vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?,
+        groups,
+        eps,
+    })
 }
 
-/// Differentiable softmax over the last dimension, in f32 for half-precision inputs.
-pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
-    let dtype = xs.dtype();
-    candle_nn::ops::softmax(&xs.to_dtype(internal_dtype(dtype))?, D::Minus1)?.to_dtype(dtype)
-}
-
-/// Multi-head scaled dot-product attention.
-///
-/// `q`: `[batch, heads, q_len, head_dim]`, `k`/`v`: `[batch, heads, kv_len, head_dim]`;
-/// `mask` (added to the scores) broadcasts to `[batch, heads, q_len, kv_len]`.
-pub fn scaled_dot_product_attention(
+/// Multi-head scaled dot-product attention on projected tokens: `q` `[batch, q_len,
+/// heads·head_dim]`, `k`/`v` `[batch, kv_len, heads·head_dim]`, returns `[batch, q_len,
+/// heads·head_dim]`. `causal`: query `i` sees keys `0..=i` only.
+pub fn multi_head_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: Option<&Tensor>,
+    heads: usize,
+    causal: bool,
 ) -> Result<Tensor> {
-    let dtype = q.dtype();
-    let head_dim = q.dim(D::Minus1)?;
-    let scale = 1.0 / (head_dim as f64).sqrt();
-    // f16 scores overflow on SD 2.x (diffusers' `upcast_attention`): take them in f32.
-    let score_dtype = if dtype == DType::F16 {
-        DType::F32
-    } else {
-        dtype
+    let split = |xs: &Tensor| -> Result<Tensor> {
+        let (batch, len, dim) = xs.dims3()?;
+        xs.reshape((batch, len, heads, dim / heads))
     };
-    let q = q.to_dtype(score_dtype)?.contiguous()?;
-    let k = k.to_dtype(score_dtype)?.t()?.contiguous()?;
-    let scores = (q.matmul(&k)? * scale)?;
-    let scores = match mask {
-        Some(mask) => scores.broadcast_add(&mask.to_dtype(score_dtype)?)?,
-        None => scores,
-    };
-    softmax_last_dim(&scores)?
-        .to_dtype(dtype)?
-        .matmul(&v.contiguous()?)
-}
-
-/// `[batch, len, heads * head_dim]` -> `[batch, heads, len, head_dim]`.
-pub fn split_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
-    let (batch, len, dim) = xs.dims3()?;
-    xs.reshape((batch, len, heads, dim / heads))?
-        .transpose(1, 2)
-}
-
-/// `[batch, heads, len, head_dim]` -> `[batch, len, heads * head_dim]`.
-pub fn merge_heads(xs: &Tensor) -> Result<Tensor> {
-    let (batch, heads, len, head_dim) = xs.dims4()?;
-    xs.transpose(1, 2)?.reshape((batch, len, heads * head_dim))
+    let attended = kernels::attention(&split(q)?, &split(k)?, &split(v)?, causal)?;
+    attended.flatten_from(2)
 }
 
 /// The activations that diffusers and transformers configs name.

@@ -78,13 +78,13 @@ impl ResnetBlock2D {
     /// `xs`: `[B, in_channels, H, W]`; `temb`: `[B, temb_channels]` when the block has a
     /// time projection (ignored otherwise). Returns `[B, out_channels, H, W]`.
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let hidden = self.act.apply(&self.norm1.forward(xs)?)?;
+        let hidden = self.norm1.forward_then(xs, self.act)?;
         let mut hidden = self.conv1.forward(&hidden)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let temb = proj.forward(&self.act.apply(temb)?)?;
             hidden = hidden.broadcast_add(&temb.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)?;
         }
-        let hidden = self.act.apply(&self.norm2.forward(&hidden)?)?;
+        let hidden = self.norm2.forward_then(&hidden, self.act)?;
         let hidden = self.conv2.forward(&hidden)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,

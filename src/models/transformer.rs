@@ -1,7 +1,7 @@
 //! diffusers' `Transformer2DModel` on image-shaped inputs: the U-Net's spatial transformer that
 //! lets every latent pixel attend to the others and to the text encoder's hidden states.
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::attention::Attention;
@@ -38,9 +38,7 @@ struct GeGlu {
 
 impl Module for GeGlu {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = self.proj.forward(xs)?;
-        let halves = xs.chunk(2, D::Minus1)?;
-        &halves[0] * halves[1].gelu_erf()?
+        crate::kernels::geglu(&self.proj.forward(xs)?)
     }
 }
 

@@ -721,7 +721,7 @@ impl UNet2DConditionModel {
             xs = block.forward(&xs, &temb, context, &mut skips, match_skip_size)?;
         }
 
-        let xs = self.conv_act.apply(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_norm_out.forward_then(&xs, self.conv_act)?;
         self.conv_out.forward(&xs)
     }
 

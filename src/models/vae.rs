@@ -370,7 +370,7 @@ impl OutputHead {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         // diffusers uses SiLU here whatever `act_fn` says.
         self.conv_out
-            .forward(&self.conv_norm_out.forward(xs)?.silu()?)
+            .forward(&self.conv_norm_out.forward_then(xs, Activation::Silu)?)
     }
 }
 
