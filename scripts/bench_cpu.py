@@ -143,6 +143,56 @@ def build_small_pipeline(dest: Path) -> None:
     tmp.rename(dest)
 
 
+# SD 1.5's own component configs (stable-diffusion-v1-5/stable-diffusion-v1-5, unet/vae/text_encoder
+# config.json), written out because nothing can be downloaded here.
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5,
+    act_fn="silu", center_input_sample=False, downsample_padding=1, flip_sin_to_cos=True,
+    freq_shift=0, mid_block_scale_factor=1,
+)
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=512, act_fn="silu",
+)
+SD15_TEXT = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+    bos_token_id=0, eos_token_id=2, pad_token_id=1, layer_norm_eps=1e-5,
+)
+
+
+def build_sd15_pipeline(dest: Path) -> None:
+    """SD 1.5's architecture from its real configs with seeded random weights (PyTorch's default
+    initialisation), saved in the diffusers layout: the speed of SD 1.5 without its weights."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET)
+    torch.manual_seed(1)
+    vae = AutoencoderKL(**SD15_VAE)
+    torch.manual_seed(2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT))
+    tokenizer = CLIPTokenizer.from_pretrained(str(TINY_SD1 / "tokenizer"))
+    scheduler = DDIMScheduler.from_pretrained(str(TINY_SD1 / "scheduler"))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    shutil.rmtree(tmp / "tokenizer")
+    shutil.copytree(TINY_SD1 / "tokenizer", tmp / "tokenizer")
+    tmp.rename(dest)
+
+
 def resolve_model(args) -> tuple[Path, str]:
     """(folder, description)."""
     if args.model:
@@ -158,6 +208,13 @@ def resolve_model(args) -> tuple[Path, str]:
     if args.config == "tiny":
         return TINY_SD1, "tests/fixtures/tiny-sd1 (random weights, UNet (32, 64), 64x64)"
     cache = Path(args.cache_dir).expanduser()
+    if args.config == "sd15":
+        dest = cache / "sd15-random-v1"
+        if not (dest / "model_index.json").is_file():
+            cache.mkdir(parents=True, exist_ok=True)
+            print(f"building the SD 1.5-architecture random pipeline in {dest} ...", file=sys.stderr)
+            subprocess.run([sys.executable, __file__, "--build-sd15", str(dest)], check=True)
+        return dest, f"SD 1.5 architecture (real configs, seeded random weights, {dest})"
     dest = cache / f"small-sd1-v{SMALL_VERSION}"
     if not (dest / "model_index.json").is_file():
         cache.mkdir(parents=True, exist_ok=True)
@@ -585,6 +642,9 @@ def main() -> None:
     if len(sys.argv) >= 3 and sys.argv[1] == "--diffusers-worker":
         diffusers_worker(json.loads(sys.argv[2]))
         return
+    if len(sys.argv) >= 3 and sys.argv[1] == "--build-sd15":
+        build_sd15_pipeline(Path(sys.argv[2]))
+        sys.exit(0)
     if len(sys.argv) >= 3 and sys.argv[1] == "--build-small":
         build_small_pipeline(Path(sys.argv[2]))
         return
@@ -594,7 +654,7 @@ def main() -> None:
                                  "What is measured and how: the docstring of scripts/bench_cpu.py.",
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="diffusers pipeline folder (default: weights/ if it has model_index.json, else --config)")
-    ap.add_argument("--config", choices=["default", "small", "tiny"], default="default",
+    ap.add_argument("--config", choices=["default", "small", "tiny", "sd15"], default="default",
                     help="without --model: default = weights/ when present, else small")
     ap.add_argument("--cache-dir", default=os.environ.get("LDM_BENCH_CACHE", "~/.cache/ldm-bench"),
                     help="where the small random pipeline is built once")

@@ -350,3 +350,54 @@ fn half_precision_norms_follow_the_f32_kernel() {
         );
     }
 }
+
+#[test]
+fn conv2d_matches_candle_forward_and_backward() {
+    // (batch, c_in, c_out, kernel, stride, padding, h, w): SD's 3×3 same convs, the strided
+    // downsampler with and without padding, 1×1 projections, an odd batch (the backward pass
+    // works in chunks of two images) and images narrower than a tile or many tiles tall.
+    let cases = [
+        (2, 3, 4, 3, 1, 1, 7, 8),
+        (3, 5, 6, 1, 1, 0, 5, 6),
+        (1, 4, 4, 3, 2, 1, 9, 11),
+        (2, 4, 3, 3, 2, 0, 9, 11),
+        (1, 2, 3, 3, 1, 1, 40, 9),
+        (2, 64, 32, 3, 1, 1, 6, 6),
+    ];
+    for (i, &(b, cin, cout, k, stride, pad, h, w)) in cases.iter().enumerate() {
+        let xs = values(&[b, cin, h, w], 50 + i as u64, 1.0);
+        let weight = values(&[cout, cin, k, k], 60 + i as u64, 0.5);
+        let bias = values(&[cout], 70 + i as u64, 0.5);
+        let (out_err, grad_err) = compare(&[xs, weight, bias], |t| {
+            let f = if t[0].dtype() == DType::F64 {
+                kernels::conv2d_composed
+            } else {
+                kernels::conv2d
+            };
+            f(&t[0], &t[1], &t[2], stride, pad)
+        });
+        assert!(out_err < 1e-5, "case {i}: forward error {out_err}");
+        assert!(grad_err < 1e-5, "case {i}: gradient error {grad_err}");
+    }
+}
+
+#[test]
+fn conv2d_gradient_matches_finite_differences_and_half_precision_runs() {
+    let weight = values(&[3, 2, 3, 3], 2, 0.5);
+    let bias = values(&[3], 3, 0.5);
+    check_finite_difference(&values(&[2, 2, 5, 4], 1, 1.0), |x| {
+        let (w, b) = (weight.to_dtype(x.dtype())?, bias.to_dtype(x.dtype())?);
+        if x.dtype() == DType::F64 {
+            kernels::conv2d_composed(x, &w, &b, 2, 1)
+        } else {
+            kernels::conv2d(x, &w, &b, 2, 1)
+        }
+    });
+    let xs = values(&[1, 2, 6, 6], 4, 1.0).to_dtype(DType::F32).unwrap();
+    let (w32, b32) = (weight.to_dtype(DType::F32).unwrap(), bias.to_dtype(DType::F32).unwrap());
+    let reference = kernels::conv2d(&xs, &w32, &b32, 1, 1).unwrap();
+    let h = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
+    let half = kernels::conv2d(&h(&xs), &h(&w32), &h(&b32), 1, 1).unwrap();
+    assert_eq!(half.dtype(), DType::F16);
+    assert!(max_diff(&half, &reference) < 1e-2);
+}

@@ -44,41 +44,58 @@ impl<'a> Matrix<'a> {
 
 /// `dst = scale · lhs · rhs` (or `dst += ...` with `accumulate`), where `dst` is row-major
 /// with rows `dst_row_stride` apart.
-pub fn matmul(
-    dst: &mut [f32],
+pub fn matmul(dst: &mut [f32], dst_row_stride: usize, lhs: Matrix, rhs: Matrix, scale: f32, accumulate: bool) {
+    if lhs.rows > 0 && rhs.cols > 0 {
+        let needed = (lhs.rows - 1) * dst_row_stride + rhs.cols;
+        assert!(needed <= dst.len(), "destination out of bounds");
+    }
+    // SAFETY: the destination was bounds-checked above and is exclusively borrowed.
+    unsafe { matmul_raw(dst.as_mut_ptr(), dst_row_stride, lhs, rhs, scale, accumulate, 1) }
+}
+
+/// [`matmul`] into a raw destination, for tasks that write disjoint strided regions of one
+/// buffer; `threads > 1` lets gemm split the product itself.
+///
+/// # Safety
+/// `dst` must be valid for writes at `i * dst_row_stride + j` for every `i < lhs.rows`,
+/// `j < rhs.cols`, and no other thread may access those elements during the call.
+pub unsafe fn matmul_raw(
+    dst: *mut f32,
     dst_row_stride: usize,
     lhs: Matrix,
     rhs: Matrix,
     scale: f32,
     accumulate: bool,
+    threads: usize,
 ) {
     assert_eq!(lhs.cols, rhs.rows, "inner dimensions differ");
     let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
     if m == 0 || n == 0 {
         return;
     }
-    assert!(
-        (m - 1) * dst_row_stride + n <= dst.len(),
-        "destination out of bounds"
-    );
     lhs.check();
     rhs.check();
     if k == 0 {
         if !accumulate {
             for row in 0..m {
-                dst[row * dst_row_stride..row * dst_row_stride + n].fill(0.0);
+                // SAFETY: the caller's contract covers these elements.
+                unsafe { std::ptr::write_bytes(dst.add(row * dst_row_stride), 0, n) };
             }
         }
         return;
     }
-    // SAFETY: every index the product touches was bounds-checked above; gemm reads `lhs`/`rhs`
-    // and writes `dst`, which are distinct borrows.
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: `lhs`/`rhs` were bounds-checked above; `dst` is the caller's contract.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             dst_row_stride as isize,
             accumulate,
@@ -93,7 +110,7 @@ pub fn matmul(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         )
     }
 }

@@ -8,6 +8,7 @@
 //! devices without a kernel here (CUDA, Metal) and for f64.
 
 pub mod attention;
+pub mod conv2d;
 pub mod geglu;
 mod gemm;
 pub mod group_norm;
@@ -16,6 +17,7 @@ mod simd;
 pub mod softmax;
 
 pub use attention::{attention, attention_composed};
+pub use conv2d::{conv2d, conv2d_composed};
 pub use geglu::{geglu, geglu_composed};
 pub use group_norm::{group_norm, group_norm_composed};
 pub use layer_norm::{layer_norm, layer_norm_composed};
