@@ -14,7 +14,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Ten
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Matrix};
-use super::{cpu_f32, simd, uses_cpu_kernel};
+use super::{cpu_f32, simd, uses_cpu_kernel, with_scratch};
 
 /// Queries per work item: small enough that `QUERY_BLOCK × keys` scores stay in L2 cache.
 const QUERY_BLOCK: usize = 64;
@@ -192,14 +192,15 @@ impl CustomOp3 for AttentionOp {
                             let start = block * QUERY_BLOCK;
                             let rows = lse.len();
                             let keys = self.visible_keys(start + rows, k.len);
-                            let mut probs = vec![0f32; rows * keys];
-                            let q_rows = q.rows(b, h, start, rows);
-                            self.scores(&mut probs, q_rows, k.rows(b, h, 0, keys), start, scale);
-                            for (row, lse) in probs.chunks_exact_mut(keys).zip(lse.iter_mut()) {
-                                *lse = simd::softmax_in_place(row);
-                            }
-                            let probs = Matrix::rows(&probs, rows, keys, keys);
-                            matmul(out, head_dim, probs, v.rows(b, h, 0, keys), 1.0, false);
+                            with_scratch(rows * keys, |probs| {
+                                let q_rows = q.rows(b, h, start, rows);
+                                self.scores(probs, q_rows, k.rows(b, h, 0, keys), start, scale);
+                                for (row, lse) in probs.chunks_exact_mut(keys).zip(lse.iter_mut()) {
+                                    *lse = simd::softmax_in_place(row);
+                                }
+                                let probs = Matrix::rows(probs, rows, keys, keys);
+                                matmul(out, head_dim, probs, v.rows(b, h, 0, keys), 1.0, false);
+                            });
                         });
                 });
         }

@@ -14,7 +14,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Ten
 use rayon::prelude::*;
 
 use super::gemm::{matmul, matmul_raw, Matrix};
-use super::{cpu_f32, read_f32, uses_cpu_kernel};
+use super::{cpu_f32, read_f32, uses_cpu_kernel, with_scratch};
 
 /// Output pixels per work item (whole rows): enough columns for an efficient gemm, few enough
 /// that `c_in·9 × TILE_PIXELS` columns stay a few MiB.
@@ -237,19 +237,19 @@ impl CustomOp3 for Conv2dOp {
                     .fill(value);
             }
             let kernel = Matrix::rows(weight, g.c_out, g.patch_len(), g.patch_len());
-            let mut cols = Vec::new();
-            let columns = if g.is_pointwise() {
-                Matrix::rows(&image[first * g.w..], g.c_in, n, g.h * g.w)
-            } else {
-                cols.resize(g.patch_len() * n, 0.0);
-                g.im2col(image, first, rows, &mut cols);
-                Matrix::rows(&cols, g.patch_len(), n, n)
-            };
-            // SAFETY: the tile's rows (c_out rows of n values, out_pixels apart) are inside
-            // `out` and written by this task only.
-            unsafe {
+            // SAFETY (both products): the tile's rows (c_out rows of n values, out_pixels
+            // apart) are inside `out` and written by this task only.
+            let product = |columns: Matrix<'_>| unsafe {
                 matmul_raw(shared.0.add(offset), g.out_pixels(), kernel, columns, 1.0, true, gemm_threads)
             };
+            if g.is_pointwise() {
+                product(Matrix::rows(&image[first * g.w..], g.c_in, n, g.h * g.w));
+            } else {
+                with_scratch(g.patch_len() * n, |cols| {
+                    g.im2col(image, first, rows, cols);
+                    product(Matrix::rows(cols, g.patch_len(), n, n));
+                });
+            }
         };
         if gemm_threads > 1 {
             tiles.iter().for_each(run);
@@ -287,8 +287,6 @@ impl CustomOp3 for Conv2dOp {
                         .enumerate()
                         .for_each(|(chunk, ((dx, dweight), dbias))| {
                             let kernel = Matrix::rows(weight, g.c_out, patch, patch);
-                            let mut cols = Vec::new();
-                            let mut dcols = Vec::new();
                             for (i, dx) in dx.chunks_mut(image_len).enumerate() {
                                 let b = chunk * BATCH_CHUNK + i;
                                 let image = &xs[b * image_len..(b + 1) * image_len];
@@ -305,12 +303,15 @@ impl CustomOp3 for Conv2dOp {
                                         matmul(&mut dx[first * g.w..], g.h * g.w, kernel.t(), dy, 1.0, false);
                                         continue;
                                     }
-                                    cols.resize(patch * n, 0.0);
-                                    g.im2col(image, first, rows, &mut cols);
-                                    matmul(dweight, patch, dy, Matrix::rows(&cols, patch, n, n).t(), 1.0, true);
-                                    dcols.resize(patch * n, 0.0);
-                                    matmul(&mut dcols, n, kernel.t(), dy, 1.0, false);
-                                    g.col2im_add(&dcols, first, rows, dx);
+                                    with_scratch(patch * n, |cols| {
+                                        g.im2col(image, first, rows, cols);
+                                        let cols = Matrix::rows(cols, patch, n, n);
+                                        matmul(dweight, patch, dy, cols.t(), 1.0, true);
+                                    });
+                                    with_scratch(patch * n, |dcols| {
+                                        matmul(dcols, n, kernel.t(), dy, 1.0, false);
+                                        g.col2im_add(dcols, first, rows, dx);
+                                    });
                                 }
                             }
                         });

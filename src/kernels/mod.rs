@@ -65,3 +65,24 @@ pub fn internal_dtype(dtype: DType) -> DType {
 /// Work items for reductions over rows: a fixed count (not the thread count) so that
 /// gradient sums are bit-identical on every machine.
 const ROW_CHUNKS: usize = 64;
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Runs `f` on a per-thread scratch buffer of `len` values (contents unspecified), reused
+/// across calls so that per-tile buffers of several MiB are not allocated and page-faulted
+/// in again for every tile. Nested calls get their own buffer.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buffer = SCRATCH.with(|cell| cell.take());
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
+    let result = f(&mut buffer[..len]);
+    SCRATCH.with(|cell| {
+        // Keep the larger buffer when a nested call left one behind.
+        let other = cell.take();
+        cell.set(if other.len() > buffer.len() { other } else { buffer });
+    });
+    result
+}
