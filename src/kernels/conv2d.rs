@@ -14,7 +14,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Ten
 use rayon::prelude::*;
 
 use super::gemm::{matmul, matmul_raw, Matrix};
-use super::{cpu_f32, read_f32, uses_cpu_kernel, with_scratch};
+use super::{cpu_f32, read_f32, sum_partials, uses_cpu_kernel, with_scratch};
 
 /// Output pixels per work item (whole rows): enough columns for an efficient gemm, few enough
 /// that `c_in·9 × TILE_PIXELS` columns stay a few MiB.
@@ -321,8 +321,8 @@ impl CustomOp3 for Conv2dOp {
         })?;
         let device = xs.device();
         let dx = Tensor::from_vec(dx, xs.shape(), device)?;
-        let dweight = Tensor::from_vec(dweight, (chunks, g.c_out, g.c_in, g.kh, g.kw), device)?.sum(0)?;
-        let dbias = Tensor::from_vec(dbias, (chunks, g.c_out), device)?.sum(0)?;
+        let dweight = sum_partials(dweight, chunks, weight.shape(), device)?;
+        let dbias = sum_partials(dbias, chunks, g.c_out, device)?;
         Ok((Some(dx), Some(dweight), Some(dbias)))
     }
 }

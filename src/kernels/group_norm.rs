@@ -6,7 +6,7 @@
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{cpu_f32, read_f32, simd, uses_cpu_kernel};
+use super::{cpu_f32, read_f32, simd, sum_partials, uses_cpu_kernel};
 
 /// `silu?(GroupNorm(xs) · weight + bias)` over `xs: [batch, channels, ...]` (statistics per
 /// batch item and group of `channels / groups` channels, in f32 for half-precision inputs).
@@ -195,7 +195,7 @@ impl CustomOp3 for GroupNormOp {
         })?;
         let device = xs.device();
         let dx = Tensor::from_vec(dx, xs.shape(), device)?;
-        let per_channel = |v: Vec<f32>| Tensor::from_vec(v, (batch, channels), device)?.sum(0);
+        let per_channel = |v: Vec<f32>| sum_partials(v, batch, channels, device);
         Ok((
             Some(dx),
             Some(per_channel(dweight)?),

@@ -4,7 +4,7 @@
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{cpu_f32, internal_dtype, read_f32, simd, uses_cpu_kernel, ROW_CHUNKS};
+use super::{cpu_f32, internal_dtype, read_f32, simd, sum_partials, uses_cpu_kernel, ROW_CHUNKS};
 
 /// `(xs − mean) / √(var + eps) · weight + bias` over the last dimension (statistics in f32
 /// for half-precision inputs).
@@ -120,7 +120,7 @@ impl CustomOp3 for LayerNormOp {
         })?;
         let device = xs.device();
         let dx = Tensor::from_vec(dx, xs.shape(), device)?;
-        let summed = |v: Vec<f32>| Tensor::from_vec(v, (chunks, dim), device)?.sum(0);
+        let summed = |v: Vec<f32>| sum_partials(v, chunks, dim, device);
         Ok((Some(dx), Some(summed(dweight)?), Some(summed(dbias)?)))
     }
 }

@@ -86,3 +86,31 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     });
     result
 }
+
+/// Sums `parts` equal slices of `partials` (per-task gradient shares) elementwise, in a
+/// fixed order, as a tensor of `shape`. candle's `sum(0)` over such a buffer walks it with a
+/// stride and took more time than the convolution backward itself.
+fn sum_partials(
+    mut partials: Vec<f32>,
+    parts: usize,
+    shape: impl Into<candle_core::Shape>,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let len = partials.len() / parts.max(1);
+    let (total, rest) = partials.split_at_mut(len);
+    const SPAN: usize = 4096;
+    total
+        .par_chunks_mut(SPAN)
+        .enumerate()
+        .for_each(|(i, total)| {
+            for part in rest.chunks_exact(len) {
+                let part = &part[i * SPAN..i * SPAN + total.len()];
+                for (t, &p) in total.iter_mut().zip(part) {
+                    *t += p;
+                }
+            }
+        });
+    partials.truncate(len);
+    Tensor::from_vec(partials, shape, device)
+}
