@@ -394,10 +394,34 @@ fn conv2d_gradient_matches_finite_differences_and_half_precision_runs() {
         }
     });
     let xs = values(&[1, 2, 6, 6], 4, 1.0).to_dtype(DType::F32).unwrap();
-    let (w32, b32) = (weight.to_dtype(DType::F32).unwrap(), bias.to_dtype(DType::F32).unwrap());
+    let (w32, b32) = (
+        weight.to_dtype(DType::F32).unwrap(),
+        bias.to_dtype(DType::F32).unwrap(),
+    );
     let reference = kernels::conv2d(&xs, &w32, &b32, 1, 1).unwrap();
     let h = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
     let half = kernels::conv2d(&h(&xs), &h(&w32), &h(&b32), 1, 1).unwrap();
     assert_eq!(half.dtype(), DType::F16);
     assert!(max_diff(&half, &reference) < 1e-2);
+}
+
+#[test]
+fn bias_addition_matches_broadcast_add() {
+    for (i, shape) in [&[3usize, 70, 9][..], &[2, 5], &[200, 33]]
+        .into_iter()
+        .enumerate()
+    {
+        let channels = *shape.last().unwrap();
+        let xs = values(shape, 90 + i as u64, 1.0);
+        let bias = values(&[channels], 95 + i as u64, 1.0);
+        let (out_err, grad_err) = compare(&[xs, bias], |t| {
+            if t[0].dtype() == DType::F64 {
+                kernels::add_bias_composed(&t[0], &t[1])
+            } else {
+                kernels::add_bias(&t[0], &t[1])
+            }
+        });
+        assert!(out_err < 1e-6, "case {i}: forward error {out_err}");
+        assert!(grad_err < 1e-6, "case {i}: gradient error {grad_err}");
+    }
 }

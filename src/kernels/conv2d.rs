@@ -25,7 +25,13 @@ const BATCH_CHUNK: usize = 2;
 
 /// `conv2d(xs, weight) + bias` with square stride and zero padding: `xs` `[batch, c_in, h, w]`,
 /// `weight` `[c_out, c_in, kh, kw]`, `bias` `[c_out]`.
-pub fn conv2d(xs: &Tensor, weight: &Tensor, bias: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+pub fn conv2d(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
     if !uses_cpu_kernel(xs) {
         return conv2d_composed(xs, weight, bias, stride, padding);
     }
@@ -34,12 +40,22 @@ pub fn conv2d(xs: &Tensor, weight: &Tensor, bias: &Tensor, stride: usize, paddin
     let f32 = |t: &Tensor| t.to_dtype(DType::F32);
     f32(xs)?
         .contiguous()?
-        .apply_op3(&f32(weight)?.contiguous()?, &f32(bias)?, Conv2dOp { stride, padding })?
+        .apply_op3(
+            &f32(weight)?.contiguous()?,
+            &f32(bias)?,
+            Conv2dOp { stride, padding },
+        )?
         .to_dtype(dtype)
 }
 
 /// The same with candle's convolution (reference and GPU path).
-pub fn conv2d_composed(xs: &Tensor, weight: &Tensor, bias: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+pub fn conv2d_composed(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
     xs.conv2d(weight, padding, stride, 1, 1)?
         .broadcast_add(&bias.reshape((1, (), 1, 1))?)
 }
@@ -103,7 +119,9 @@ impl Geometry {
     fn tiles(&self) -> impl Iterator<Item = (usize, usize)> {
         let per_tile = self.rows_per_tile();
         let out_h = self.out_h;
-        (0..out_h).step_by(per_tile).map(move |row| (row, per_tile.min(out_h - row)))
+        (0..out_h)
+            .step_by(per_tile)
+            .map(move |row| (row, per_tile.min(out_h - row)))
     }
 
     /// A 1×1, stride-1, unpadded convolution is a plain product with the input.
@@ -113,17 +131,24 @@ impl Geometry {
 
     /// Input column of output column `ox` for kernel column `kx` (None in the padding).
     fn input_col(&self, ox: usize, kx: usize) -> Option<usize> {
-        (ox * self.stride + kx).checked_sub(self.padding).filter(|&ix| ix < self.w)
+        (ox * self.stride + kx)
+            .checked_sub(self.padding)
+            .filter(|&ix| ix < self.w)
     }
 
     fn input_row(&self, oy: usize, ky: usize) -> Option<usize> {
-        (oy * self.stride + ky).checked_sub(self.padding).filter(|&iy| iy < self.h)
+        (oy * self.stride + ky)
+            .checked_sub(self.padding)
+            .filter(|&iy| iy < self.h)
     }
 
     /// Output columns `lo..hi` whose input column exists for kernel column `kx` (stride 1).
     fn valid_cols(&self, kx: usize) -> (usize, usize) {
         let lo = self.padding.saturating_sub(kx).min(self.out_w);
-        let hi = (self.w + self.padding).saturating_sub(kx).min(self.out_w).max(lo);
+        let hi = (self.w + self.padding)
+            .saturating_sub(kx)
+            .min(self.out_w)
+            .max(lo);
         (lo, hi)
     }
 
@@ -144,7 +169,8 @@ impl Geometry {
                     let (lo, hi) = self.valid_cols(kx);
                     seg[..lo].fill(0.0);
                     seg[hi..].fill(0.0);
-                    seg[lo..hi].copy_from_slice(&input[lo + kx - self.padding..hi + kx - self.padding]);
+                    seg[lo..hi]
+                        .copy_from_slice(&input[lo + kx - self.padding..hi + kx - self.padding]);
                 } else {
                     for (ox, v) in seg.iter_mut().enumerate() {
                         *v = self.input_col(ox, kx).map_or(0.0, |ix| input[ix]);
@@ -207,10 +233,16 @@ impl CustomOp3 for Conv2dOp {
         bias: &CpuStorage,
         bias_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geometry::new(xs_layout.dims(), weight_layout.dims(), self.stride, self.padding)?;
-        let (Some((xs_start, xs_end)), Some((w_start, w_end))) =
-            (xs_layout.contiguous_offsets(), weight_layout.contiguous_offsets())
-        else {
+        let g = Geometry::new(
+            xs_layout.dims(),
+            weight_layout.dims(),
+            self.stride,
+            self.padding,
+        )?;
+        let (Some((xs_start, xs_end)), Some((w_start, w_end))) = (
+            xs_layout.contiguous_offsets(),
+            weight_layout.contiguous_offsets(),
+        ) else {
             bail!("conv2d: input and kernel must be contiguous");
         };
         let xs = &cpu_f32(xs)?[xs_start..xs_end];
@@ -223,7 +255,11 @@ impl CustomOp3 for Conv2dOp {
             .collect();
         // Few tiles (small images) leave threads idle: let gemm split each product instead.
         let threads = rayon::current_num_threads();
-        let gemm_threads = if tiles.len() < 2 * threads { threads } else { 1 };
+        let gemm_threads = if tiles.len() < 2 * threads {
+            threads
+        } else {
+            1
+        };
         let shared = SharedOut(out.as_mut_ptr());
         let run = |&(b, first, rows): &(usize, usize, usize)| {
             let image = &xs[b * image_len..(b + 1) * image_len];
@@ -233,14 +269,24 @@ impl CustomOp3 for Conv2dOp {
             // The tile starts as the bias; the product is accumulated onto it.
             for (c, &value) in bias.iter().enumerate() {
                 // SAFETY: row c of this tile lies inside `out` and belongs to this task only.
-                unsafe { std::slice::from_raw_parts_mut(shared.0.add(offset + c * g.out_pixels()), n) }
-                    .fill(value);
+                unsafe {
+                    std::slice::from_raw_parts_mut(shared.0.add(offset + c * g.out_pixels()), n)
+                }
+                .fill(value);
             }
             let kernel = Matrix::rows(weight, g.c_out, g.patch_len(), g.patch_len());
             // SAFETY (both products): the tile's rows (c_out rows of n values, out_pixels
             // apart) are inside `out` and written by this task only.
             let product = |columns: Matrix<'_>| unsafe {
-                matmul_raw(shared.0.add(offset), g.out_pixels(), kernel, columns, 1.0, true, gemm_threads)
+                matmul_raw(
+                    shared.0.add(offset),
+                    g.out_pixels(),
+                    kernel,
+                    columns,
+                    1.0,
+                    true,
+                    gemm_threads,
+                )
             };
             if g.is_pointwise() {
                 product(Matrix::rows(&image[first * g.w..], g.c_in, n, g.h * g.w));
@@ -292,15 +338,34 @@ impl CustomOp3 for Conv2dOp {
                                 let image = &xs[b * image_len..(b + 1) * image_len];
                                 let dy_image = &grad[b * out_len..(b + 1) * out_len];
                                 for (c, db) in dbias.iter_mut().enumerate() {
-                                    *db += dy_image[c * g.out_pixels()..(c + 1) * g.out_pixels()].iter().sum::<f32>();
+                                    *db += dy_image[c * g.out_pixels()..(c + 1) * g.out_pixels()]
+                                        .iter()
+                                        .sum::<f32>();
                                 }
                                 for (first, rows) in g.tiles() {
                                     let n = rows * g.out_w;
-                                    let dy = Matrix::rows(&dy_image[first * g.out_w..], g.c_out, n, g.out_pixels());
+                                    let dy = Matrix::rows(
+                                        &dy_image[first * g.out_w..],
+                                        g.c_out,
+                                        n,
+                                        g.out_pixels(),
+                                    );
                                     if g.is_pointwise() {
-                                        let columns = Matrix::rows(&image[first * g.w..], g.c_in, n, g.h * g.w);
+                                        let columns = Matrix::rows(
+                                            &image[first * g.w..],
+                                            g.c_in,
+                                            n,
+                                            g.h * g.w,
+                                        );
                                         matmul(dweight, patch, dy, columns.t(), 1.0, true);
-                                        matmul(&mut dx[first * g.w..], g.h * g.w, kernel.t(), dy, 1.0, false);
+                                        matmul(
+                                            &mut dx[first * g.w..],
+                                            g.h * g.w,
+                                            kernel.t(),
+                                            dy,
+                                            1.0,
+                                            false,
+                                        );
                                         continue;
                                     }
                                     with_scratch(patch * n, |cols| {

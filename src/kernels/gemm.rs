@@ -44,13 +44,30 @@ impl<'a> Matrix<'a> {
 
 /// `dst = scale · lhs · rhs` (or `dst += ...` with `accumulate`), where `dst` is row-major
 /// with rows `dst_row_stride` apart.
-pub fn matmul(dst: &mut [f32], dst_row_stride: usize, lhs: Matrix, rhs: Matrix, scale: f32, accumulate: bool) {
+pub fn matmul(
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    lhs: Matrix,
+    rhs: Matrix,
+    scale: f32,
+    accumulate: bool,
+) {
     if lhs.rows > 0 && rhs.cols > 0 {
         let needed = (lhs.rows - 1) * dst_row_stride + rhs.cols;
         assert!(needed <= dst.len(), "destination out of bounds");
     }
     // SAFETY: the destination was bounds-checked above and is exclusively borrowed.
-    unsafe { matmul_raw(dst.as_mut_ptr(), dst_row_stride, lhs, rhs, scale, accumulate, 1) }
+    unsafe {
+        matmul_raw(
+            dst.as_mut_ptr(),
+            dst_row_stride,
+            lhs,
+            rhs,
+            scale,
+            accumulate,
+            1,
+        )
+    }
 }
 
 /// [`matmul`] into a raw destination, for tasks that write disjoint strided regions of one

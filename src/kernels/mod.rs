@@ -8,6 +8,7 @@
 //! devices without a kernel here (CUDA, Metal) and for f64.
 
 pub mod attention;
+pub mod bias;
 pub mod conv2d;
 pub mod geglu;
 mod gemm;
@@ -17,6 +18,7 @@ mod simd;
 pub mod softmax;
 
 pub use attention::{attention, attention_composed};
+pub use bias::{add_bias, add_bias_composed};
 pub use conv2d::{conv2d, conv2d_composed};
 pub use geglu::{geglu, geglu_composed};
 pub use group_norm::{group_norm, group_norm_composed};
@@ -82,7 +84,11 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     SCRATCH.with(|cell| {
         // Keep the larger buffer when a nested call left one behind.
         let other = cell.take();
-        cell.set(if other.len() > buffer.len() { other } else { buffer });
+        cell.set(if other.len() > buffer.len() {
+            other
+        } else {
+            buffer
+        });
     });
     result
 }

@@ -51,9 +51,8 @@ impl Attention {
 
     /// hidden: [B, L, query_dim]; context: [B, S, cross_dim] or None.
     pub fn forward(&self, hidden: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        // candle 0.11's CPU matmul is wrong for a transposed (non-contiguous) batched input
-        // times Linear's batch-broadcast weight (huggingface/candle#3744, PR #3758), a layout
-        // the VAE's [B, C, H·W] -> [B, H·W, C] transpose produces.
+        // The projections flatten [B, L, C] into one matrix, which needs the tokens contiguous
+        // (the VAE hands in a [B, C, H·W] -> [B, H·W, C] transposed view): copy once here.
         let hidden = hidden.contiguous()?;
         let context = match context {
             Some(context) => context.contiguous()?,

@@ -6,10 +6,10 @@
 use std::path::Path;
 
 use candle_core::{bail, Module, Result, Tensor};
-use candle_nn::{Embedding, Init, Linear, VarBuilder};
+use candle_nn::{Embedding, Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::models::nn::{self, Activation, LayerNorm};
+use crate::models::nn::{self, Activation, LayerNorm, Linear};
 
 /// `text_encoder/config.json`, with transformers' `CLIPTextConfig` names and defaults.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

@@ -8,7 +8,6 @@ use candle_nn::VarBuilder;
 
 use crate::kernels;
 pub use crate::kernels::internal_dtype;
-pub use candle_nn::Linear;
 
 /// Layer normalisation over the last dimension, computed in f32 for half-precision inputs.
 #[derive(Debug, Clone)]
@@ -59,7 +58,41 @@ impl Module for GroupNorm {
 }
 
 pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    candle_nn::linear_b(in_dim, out_dim, bias, vb)
+    let linear = candle_nn::linear_b(in_dim, out_dim, bias, vb)?;
+    Ok(Linear::new(linear.weight().clone(), linear.bias().cloned()))
+}
+
+/// `xs · weightᵀ + bias` over the last dimension.
+///
+/// The leading dimensions are flattened into one matrix product (candle-nn's `Linear` runs one
+/// product per batch item against a broadcast weight, and its weight and bias gradients are
+/// strided reductions over that broadcast); the bias is added by `kernels::add_bias`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// `weight`: `[out, in]`, `bias`: `[out]`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut dims = xs.dims().to_vec();
+        let in_dim = dims.pop().unwrap_or(1);
+        let rows = dims.iter().product::<usize>();
+        let ys = xs.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let ys = match &self.bias {
+            Some(bias) => kernels::add_bias(&ys, bias)?,
+            None => ys,
+        };
+        dims.push(self.weight.dim(0)?);
+        ys.reshape(dims)
+    }
 }
 
 pub fn conv2d(

@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Training benchmark: one `ldm train` step against the same step in PyTorch, on the default
+model's recipe (scripts/train_default.sh: batch 32, 64x64 images -> 16x16x4 latents, U-Net
+(32, 64, 128) with 4 heads + a CLIP text encoder (128 wide, 2 layers) trained jointly, AdamW,
+gradient clipping, v-prediction).
+
+    scripts/bench_train.py [--steps 12] [--threads N] [--record]
+
+ldm: `ldm train` on a synthetic captioned image folder (64 solid-shape PNGs made here; speed does
+not depend on content), run for 2 and for 2 + --steps steps with the same seed; the per-step time
+is the difference of the two wall times divided by --steps, so loading, the latent cache and the
+export cancel out.
+PyTorch: diffusers' UNet2DConditionModel and transformers' CLIPTextModel built from the configs
+ldm exported (the same architecture), fed random latents and token ids of the same shapes, with
+the same loss (v-prediction MSE), AdamW(lr 5e-4), clip_grad_norm_(1.0) and zero_grad; the
+per-step time is the mean over --steps steps after 2 warm-up steps.
+Ratio = PyTorch s/step / ldm s/step (above 1: ldm is faster), for wall time and for CPU time
+(user + system; the robust measure when other processes share the machine, with --threads 1). --record appends the table to the
+"## Training" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WEIGHTS = REPO / "weights"
+RECIPE = [
+    "--train-text-encoder", "--text-hidden-size", "128", "--text-layers", "2", "--text-heads", "4",
+    "--text-intermediate-size", "512", "--unet-channels", "32,64,128", "--unet-layers-per-block", "1",
+    "--unet-attention-heads", "4", "--unet-norm-groups", "16", "--prediction-type", "v_prediction",
+    "--zero-terminal-snr", "--batch-size", "32", "--lr", "5e-4", "--warmup-steps", "0",
+    "--uncond-prob", "0.1", "--save-every", "100000", "--sample-every", "100000", "--seed", "0",
+]
+
+
+def make_data(folder: Path, count: int = 64) -> None:
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    colours = ["red", "green", "blue", "black", "yellow", "purple", "orange", "white"]
+    for i in range(count):
+        colour = colours[i % len(colours)]
+        image = Image.new("RGB", (64, 64), "white" if colour != "white" else "gray")
+        draw = ImageDraw.Draw(image)
+        inset = 4 + i % 16
+        shape = draw.ellipse if i % 2 else draw.rectangle
+        shape([inset, inset, 63 - inset, 63 - inset], fill=colour)
+        name = f"{i:03}.png"
+        image.save(folder / name)
+        lines.append(json.dumps({"file_name": name, "text": f"a {colour} {'circle' if i % 2 else 'square'}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def run_ldm(ldm: str, data: Path, out: Path, steps: int, threads: int) -> tuple[float, float]:
+    """(wall s, CPU s) of one `ldm train` run."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [ldm, "train", "--data", str(data), "--vae", str(WEIGHTS / "vae"), "--tokenizer",
+           str(WEIGHTS / "tokenizer"), "--output", str(out), "--max-steps", str(steps), *RECIPE]
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    start, cpu = time.perf_counter(), children_cpu()
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start, children_cpu() - cpu
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_torch(pipeline: Path, steps: int, threads: int) -> tuple[float, float]:
+    """(wall s, CPU s) per step."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(json.loads((pipeline / "unet" / "config.json").read_text()))
+    text = CLIPTextModel(CLIPTextConfig.from_pretrained(str(pipeline / "text_encoder")))
+    params = list(unet.parameters()) + list(text.parameters())
+    optim = torch.optim.AdamW(params, lr=5e-4)
+    vocab = text.config.vocab_size
+    batch = 32
+
+    def step() -> None:
+        latents = torch.randn(batch, 4, 16, 16)
+        noise = torch.randn_like(latents)
+        ids = torch.randint(0, vocab, (batch, 77))
+        t = torch.randint(0, 1000, (batch,))
+        alpha = torch.rand(batch, 1, 1, 1)
+        noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
+        target = alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
+        context = text(ids).last_hidden_state
+        pred = unet(noisy, t, context).sample
+        loss = torch.nn.functional.mse_loss(pred, target)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+
+    for _ in range(2):
+        step()
+    start, cpu = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ldm", default=str(REPO / "target" / "release" / "ldm"))
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--record", action="store_true")
+    ap.add_argument("--results", default=str(REPO / "BENCHMARKS.md"))
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_data(tmp / "data")
+        short = run_ldm(args.ldm, tmp / "data", tmp / "short", 2, args.threads)
+        long = run_ldm(args.ldm, tmp / "data", tmp / "long", 2 + args.steps, args.threads)
+        ldm_wall, ldm_cpu = ((b - a) / args.steps for a, b in zip(short, long))
+        torch_wall, torch_cpu = run_torch(tmp / "long", args.steps, args.threads)
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    table = (
+        "| case | ldm s/step | PyTorch s/step | speedup (PyTorch/ldm) | ldm CPU s/step | PyTorch CPU s/step "
+        "| CPU-time speedup |\n|---|---|---|---|---|---|---|\n"
+        f"| default-model recipe, batch 32, {args.threads} thread(s) | {ldm_wall:.3f} | {torch_wall:.3f} "
+        f"| **{torch_wall / ldm_wall:.2f}x** | {ldm_cpu:.3f} | {torch_cpu:.3f} | {torch_cpu / ldm_cpu:.2f}x |\n"
+    )
+    print(table)
+    print(f"ldm: {short[0]:.1f} s for 2 steps, {long[0]:.1f} s for {2 + args.steps}; load average {load}")
+    if args.record:
+        import torch
+
+        stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+        entry = (f"\n### {stamp}: `scripts/bench_train.py --steps {args.steps} --threads {args.threads}`\n\n"
+                 f"{table}\nMachine: {os.cpu_count()} cores, load average {load}; torch {torch.__version__}.\n")
+        path = Path(args.results)
+        content = path.read_text() if path.exists() else "# Benchmarks\n"
+        if "## Training" not in content:
+            content += "\n## Training\n"
+        head, _, tail = content.partition("## Training\n")
+        nxt = tail.find("\n## ")
+        section, rest = (tail, "") if nxt < 0 else (tail[:nxt], tail[nxt:])
+        path.write_text(head + "## Training\n" + section.rstrip("\n") + "\n" + entry + rest)
+
+
+if __name__ == "__main__":
+    main()
