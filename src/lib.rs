@@ -21,3 +21,4 @@ pub mod rng;
 pub mod schedulers;
 pub mod tokenizer;
 pub mod training;
+pub mod weights_file;

@@ -23,6 +23,7 @@ use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::schedulers::SchedulerConfig;
 use crate::tokenizer::{PromptTokenizer, TokenizedPrompt};
+use crate::weights_file::WeightsFile;
 
 /// A loaded Stable Diffusion pipeline: tokenizer, text encoder, U-Net, VAE and the scheduler
 /// config, all read from the pipeline's own files.
@@ -123,10 +124,9 @@ impl StableDiffusion {
 }
 
 fn weights(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<VarBuilder<'static>> {
-    // Safety: the file is memory-mapped read-only; like every safetensors reader we assume it
-    // is not modified while the pipeline runs.
-    unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }
-        .with_context(|| format!("cannot read weights file {}", path.display()))
+    let file = WeightsFile::open(path)
+        .with_context(|| format!("cannot read weights file {}", path.display()))?;
+    Ok(file.into_var_builder(dtype, device))
 }
 
 fn component_error(folder: &PipelineFolder, component: &str) -> String {
