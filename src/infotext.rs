@@ -26,6 +26,8 @@ pub struct GenerationInfo {
     pub eta: Option<f64>,
     /// img2img/inpaint strength.
     pub denoising_strength: Option<f64>,
+    /// A1111's "Clip skip" (2 = the layer before the last), recorded when it is over 1.
+    pub clip_skip: Option<usize>,
 }
 
 impl GenerationInfo {
@@ -41,6 +43,9 @@ impl GenerationInfo {
         ];
         if let Some(strength) = self.denoising_strength {
             params.push(("Denoising strength", python_float(strength)));
+        }
+        if let Some(clip_skip) = self.clip_skip {
+            params.push(("Clip skip", clip_skip.to_string()));
         }
         if let Some(phi) = self.guidance_rescale.filter(|&phi| phi != 0.0) {
             params.push(("Guidance rescale", python_float(phi)));
@@ -103,6 +108,7 @@ mod tests {
             model: "sd15".into(),
             eta: Some(0.0),
             denoising_strength: None,
+            clip_skip: None,
         }
     }
 
@@ -125,6 +131,7 @@ mod tests {
         info.denoising_strength = Some(0.75);
         info.cfg_scale = 7.5;
         info.guidance_rescale = Some(0.7);
+        info.clip_skip = Some(2);
         let text = info.to_infotext();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "a red apple");
@@ -132,7 +139,9 @@ mod tests {
         assert!(lines[2].contains("CFG scale: 7.5, "), "{text}");
         assert!(lines[2].contains("Model: \"org/model:v1\""), "{text}");
         assert!(
-            lines[2].contains("Denoising strength: 0.75, Guidance rescale: 0.7, Eta DDIM: 0.5"),
+            lines[2].contains(
+                "Denoising strength: 0.75, Clip skip: 2, Guidance rescale: 0.7, Eta DDIM: 0.5"
+            ),
             "{text}"
         );
     }

@@ -7,12 +7,14 @@
 
 pub mod batch_manifest;
 pub mod cli;
+pub mod conditioning;
 pub mod config;
 pub mod device;
 pub mod durable;
 pub mod image_io;
 pub mod infotext;
 pub mod kernels;
+pub mod lora;
 pub mod model_source;
 pub mod models;
 pub mod pipelines;

@@ -26,6 +26,8 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::lora::LoraSpec;
+
 /// The two prompt-file formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PromptFileKind {
@@ -77,6 +79,26 @@ pub struct Overrides {
     /// Inpainting mask; relative paths are resolved against the prompt file's folder.
     pub mask: Option<PathBuf>,
     pub strength: Option<f64>,
+    /// A1111's "Clip skip" (1 = the last layer).
+    pub clip_skip: Option<usize>,
+    /// LoRAs for this line, `FILE[:WEIGHT]` (one string or a list), added to `--lora`;
+    /// relative paths are resolved against the prompt file's folder.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub lora: Vec<String>,
+}
+
+/// A string or a list of strings.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(one) => vec![one],
+        OneOrMany::Many(many) => many,
+    })
 }
 
 impl Overrides {
@@ -87,6 +109,7 @@ impl Overrides {
             ("num_images", self.num_images),
             ("width", self.width),
             ("height", self.height),
+            ("clip_skip", self.clip_skip),
         ];
         for (name, value) in at_least_one {
             if value == Some(0) {
@@ -110,6 +133,10 @@ impl Overrides {
         {
             return Err("\"scheduler\" is empty".to_string());
         }
+        for lora in &self.lora {
+            lora.parse::<LoraSpec>()
+                .map_err(|e| format!("\"lora\": {e}"))?;
+        }
         for (name, path) in [("image", &self.image), ("mask", &self.mask)] {
             if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
                 return Err(format!("\"{name}\" is an empty path"));
@@ -124,6 +151,13 @@ impl Overrides {
             if path.is_relative() {
                 *path = base_dir.join(&*path);
             }
+        }
+        for lora in &mut self.lora {
+            let mut spec: LoraSpec = lora.parse().expect("validated before");
+            if spec.path.is_relative() {
+                spec.path = base_dir.join(&spec.path);
+            }
+            *lora = spec.to_string();
         }
     }
 }
@@ -318,6 +352,10 @@ pub struct JobDefaults {
     pub mask: Option<PathBuf>,
     /// Applies to the jobs that have an image.
     pub strength: f64,
+    /// A1111's "Clip skip" (1 = the last layer).
+    pub clip_skip: usize,
+    /// `--lora` files, `FILE:WEIGHT`, for every line.
+    pub loras: Vec<String>,
 }
 
 /// What a job does, decided by which inputs it has.
@@ -354,6 +392,17 @@ pub struct Job {
     pub mask: Option<PathBuf>,
     /// Set exactly when `image` is.
     pub strength: Option<f64>,
+    /// A1111's "Clip skip"; absent from manifests written before it existed: 1 then.
+    #[serde(default = "no_clip_skip")]
+    pub clip_skip: usize,
+    /// LoRAs merged into the model, `FILE:WEIGHT`: `--lora`, the line's `lora`, then the
+    /// prompt's `<lora:...>` tags once resolved.
+    #[serde(default)]
+    pub loras: Vec<String>,
+}
+
+fn no_clip_skip() -> usize {
+    1
 }
 
 /// How many characters of the prompt go into an output file name.
@@ -435,6 +484,8 @@ pub fn expand_jobs(entries: &[PromptEntry], defaults: &JobDefaults) -> Vec<Job> 
                 image: image.clone(),
                 mask: mask.clone(),
                 strength,
+                clip_skip: o.clip_skip.unwrap_or(defaults.clip_skip),
+                loras: defaults.loras.iter().chain(&o.lora).cloned().collect(),
             });
         }
     }
@@ -461,6 +512,16 @@ struct KeyFields<'a> {
     image: Option<&'a Path>,
     mask: Option<&'a Path>,
     strength: Option<f64>,
+    /// Left out at 1 (no skip), so jobs keep the keys they had before clip skip existed.
+    #[serde(skip_serializing_if = "is_one")]
+    clip_skip: usize,
+    /// Left out when empty, for the same reason.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    loras: &'a [String],
+}
+
+fn is_one(value: &usize) -> bool {
+    *value == 1
 }
 
 fn is_zero(value: &f64) -> bool {
@@ -487,6 +548,8 @@ pub fn job_key(job: &Job) -> String {
         image: job.image.as_deref(),
         mask: job.mask.as_deref(),
         strength: job.strength,
+        clip_skip: job.clip_skip,
+        loras: &job.loras,
     };
     let canonical = serde_json::to_vec(&fields).expect("job settings always serialise");
     Sha256::digest(&canonical)
@@ -511,6 +574,8 @@ struct BatchShape<'a> {
     model: &'a str,
     strength: Option<u64>,
     mode: JobMode,
+    clip_skip: usize,
+    loras: &'a [String],
 }
 
 impl<'a> BatchShape<'a> {
@@ -526,6 +591,8 @@ impl<'a> BatchShape<'a> {
             model: &job.model,
             strength: job.strength.map(f64::to_bits),
             mode: job.mode(),
+            clip_skip: job.clip_skip,
+            loras: &job.loras,
         }
     }
 }

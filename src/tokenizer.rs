@@ -260,6 +260,21 @@ impl PromptTokenizer {
         self.pad_id
     }
 
+    /// The id of `token` (a vocabulary entry such as `,</w>`), if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
+    /// The prompt's token ids alone: no bos, eos, padding or truncation.
+    pub fn tokens(&self, prompt: &str) -> anyhow::Result<Vec<u32>> {
+        let encoding = self
+            .tokenizer
+            .encode(prompt, false)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("cannot tokenize prompt {prompt:?}"))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
     /// `bos, tokens[..max_length - 2], eos, pad...`, exactly `max_length` ids.
     pub fn encode(&self, prompt: &str) -> anyhow::Result<TokenizedPrompt> {
         let encoding = self

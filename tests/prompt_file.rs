@@ -25,6 +25,8 @@ fn defaults() -> JobDefaults {
         image: None,
         mask: None,
         strength: 0.8,
+        clip_skip: 1,
+        loras: Vec::new(),
     }
 }
 
@@ -651,6 +653,14 @@ fn job_key_ignores_position_and_tracks_every_image_setting() {
             ..base.clone()
         },
         Job {
+            clip_skip: 2,
+            ..base.clone()
+        },
+        Job {
+            loras: vec!["style.safetensors:0.5".into()],
+            ..base.clone()
+        },
+        Job {
             width: 640,
             ..base.clone()
         },
@@ -927,4 +937,53 @@ fn a_corrupt_line_before_the_last_is_an_error_naming_it() {
         error.contains(&format!("{}:2: unreadable manifest line", path.display())),
         "{error}"
     );
+}
+
+#[test]
+fn lora_and_clip_skip_keys_apply_per_line() {
+    let text = concat!(
+        "{\"prompt\": \"a\", \"lora\": \"styles/ink.safetensors:0.5\", \"clip_skip\": 2}\n",
+        "{\"prompt\": \"b\", \"lora\": [\"/abs/x.safetensors\", \"y.safetensors:-1\"]}\n",
+        "{\"prompt\": \"c\", \"lora\": \"\"}\n",
+        "{\"prompt\": \"d\", \"clip_skip\": 0}\n",
+        "{\"prompt\": \"e\"}\n",
+    );
+    let parsed = jsonl(text);
+    assert!(
+        error_on(&parsed, 3).contains("\"lora\""),
+        "{:?}",
+        parsed.errors
+    );
+    assert!(
+        error_on(&parsed, 4).contains("clip_skip"),
+        "{:?}",
+        parsed.errors
+    );
+    let jobs = expand_jobs(
+        &parsed.entries,
+        &JobDefaults {
+            loras: vec!["cli.safetensors:1".into()],
+            ..defaults()
+        },
+    );
+    assert_eq!(
+        jobs[0].loras,
+        [
+            "cli.safetensors:1",
+            "/data/prompts/styles/ink.safetensors:0.5"
+        ]
+    );
+    assert_eq!(jobs[0].clip_skip, 2);
+    assert_eq!(
+        jobs[1].loras,
+        [
+            "cli.safetensors:1",
+            "/abs/x.safetensors:1",
+            "/data/prompts/y.safetensors:-1"
+        ]
+    );
+    assert_eq!(jobs[2].loras, ["cli.safetensors:1"]);
+    assert_eq!(jobs[2].clip_skip, 1);
+    // Different LoRA sets or clip skips never share a batched pass.
+    assert_eq!(group_for_batching(&jobs, 8).len(), 3);
 }

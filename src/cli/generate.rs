@@ -7,7 +7,10 @@ use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::conditioning::ConditioningArgs;
+use super::lora::{add_prompt_loras, group_by_loras, LoraArgs};
 use crate::device::{DeviceSpec, Precision};
+use crate::lora::LoraSpec;
 use crate::model_source::PipelineFolder;
 use crate::pipelines::{Generated, ImageJob, Sampling, SourceImage, StableDiffusion};
 use crate::prompt_file::{self, JobDefaults};
@@ -28,10 +31,14 @@ pub struct ModelArgs {
     /// Precision of the weights and activations. Default: f32 on cpu, f16 on a GPU.
     #[arg(long, value_enum, value_name = "DTYPE")]
     pub dtype: Option<Precision>,
+
+    #[command(flatten)]
+    pub lora: LoraArgs,
 }
 
 impl ModelArgs {
-    pub fn load(&self) -> anyhow::Result<StableDiffusion> {
+    /// The pipeline with `loras` merged in.
+    pub fn load(&self, loras: &[LoraSpec]) -> anyhow::Result<StableDiffusion> {
         let device_spec = self.device.unwrap_or_else(default_device);
         let device = device_spec.open()?;
         let precision = self.dtype.unwrap_or(match device_spec {
@@ -39,7 +46,7 @@ impl ModelArgs {
             _ => Precision::F16,
         });
         let folder = PipelineFolder::resolve(self.model.as_deref(), precision != Precision::F32)?;
-        StableDiffusion::load(&folder, &device, precision.dtype())
+        StableDiffusion::load_with_loras(&folder, &device, precision.dtype(), loras)
             .with_context(|| format!("cannot load model {}", folder.root.display()))
     }
 }
@@ -103,6 +110,9 @@ pub struct SamplingArgs {
     /// How many images to make.
     #[arg(short = 'N', long, visible_aliases = ["batch-count", "n-samples"], default_value_t = 1, value_name = "N")]
     pub num_images: usize,
+
+    #[command(flatten)]
+    pub conditioning: ConditioningArgs,
 }
 
 impl SamplingArgs {
@@ -375,12 +385,15 @@ pub struct InpaintArgs {
 }
 
 pub fn txt2img(args: Txt2ImgArgs) -> anyhow::Result<()> {
-    let pipeline = args.model.load()?;
+    let pipeline = args
+        .model
+        .load(&args.model.lora.for_prompt(&args.prompt.text())?)?;
     let (width, height) = pipeline.default_size();
     let sampling = args.sampling.sampling(width, height, 1.0);
     if let Some(file) = &args.batch.from_file {
         return batch(
             &pipeline,
+            &args.model,
             file,
             &args.batch.run,
             &args.sampling,
@@ -447,12 +460,13 @@ fn edit(
     output: &OutputArgs,
     source: &SourceArgs,
 ) -> anyhow::Result<()> {
-    let pipeline = model.load()?;
+    let pipeline = model.load(&model.lora.for_prompt(&prompt.text())?)?;
     if let Some(file) = &batch_args.from_file {
         let (width, height) = pipeline.default_size();
         let sampling = args.sampling(width, height, source.strength);
         return batch(
             &pipeline,
+            model,
             file,
             &batch_args.run,
             args,
@@ -498,7 +512,7 @@ fn edit(
 pub struct BatchCommandArgs {
     /// Prompt file: one prompt per line (# comments), or JSON Lines with per-line overrides
     /// (negative_prompt, seed, steps, guidance_scale, guidance_rescale, width, height, scheduler,
-    /// num_images, image, mask, strength).
+    /// num_images, image, mask, strength, clip_skip, lora).
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
 
@@ -524,12 +538,13 @@ pub struct BatchCommandArgs {
 }
 
 pub fn batch_command(args: BatchCommandArgs) -> anyhow::Result<()> {
-    let pipeline = args.model.load()?;
+    let pipeline = args.model.load(&args.model.lora.loras)?;
     let (width, height) = pipeline.default_size();
     let sampling = args.sampling.sampling(width, height, args.strength);
     let (image, mask) = (args.image.as_deref(), args.mask.as_deref());
     batch(
         &pipeline,
+        &args.model,
         &args.file,
         &args.run,
         &args.sampling,
@@ -540,8 +555,10 @@ pub fn batch_command(args: BatchCommandArgs) -> anyhow::Result<()> {
 }
 
 /// Runs a prompt file with the command line's settings as defaults.
+#[allow(clippy::too_many_arguments)]
 fn batch(
     pipeline: &StableDiffusion,
+    model: &ModelArgs,
     file: &Path,
     args: &BatchRunArgs,
     sampling_args: &SamplingArgs,
@@ -565,11 +582,14 @@ fn batch(
         image: image.map(Path::to_path_buf),
         mask: mask.map(Path::to_path_buf),
         strength: sampling.strength,
+        clip_skip: sampling_args.conditioning.clip_skip,
+        loras: model.lora.loras.iter().map(LoraSpec::to_string).collect(),
     };
     let mut parsed = prompt_file::parse_prompt_file(file)?;
     parsed.check_with_defaults(&defaults);
     let entries = parsed.into_entries(file, args.keep_going)?;
-    let jobs = prompt_file::expand_jobs(&entries, &defaults);
+    let mut jobs = prompt_file::expand_jobs(&entries, &defaults);
+    add_prompt_loras(&mut jobs, &model.lora)?;
     std::fs::create_dir_all(&args.output_dir)
         .with_context(|| format!("cannot create {}", args.output_dir.display()))?;
     let bar = if std::io::stderr().is_terminal() {
@@ -577,15 +597,33 @@ fn batch(
     } else {
         ProgressBar::hidden()
     };
-    let summary = pipeline.run_batch(&jobs, &args.output_dir, args.batch_size, &mut |path| {
-        bar.inc(1);
-        bar.suspend(|| println!("{}", path.display()));
-    })?;
+    let syntax = !sampling_args.conditioning.no_prompt_syntax;
+    let (mut generated, mut already_done) = (0, 0);
+    // Jobs with other LoRAs than the command line's run on a pipeline loaded with theirs.
+    for (loras, group) in group_by_loras(&jobs)? {
+        let with_loras;
+        let pipe = if loras == model.lora.loras {
+            pipeline
+        } else {
+            with_loras = model.load(&loras)?;
+            &with_loras
+        };
+        let summary = pipe.run_batch(
+            &group,
+            &args.output_dir,
+            args.batch_size,
+            syntax,
+            &mut |path| {
+                bar.inc(1);
+                bar.suspend(|| println!("{}", path.display()));
+            },
+        )?;
+        generated += summary.generated;
+        already_done += summary.already_done;
+    }
     bar.finish_and_clear();
     eprintln!(
-        "{} image(s) generated, {} already done, in {}",
-        summary.generated,
-        summary.already_done,
+        "{generated} image(s) generated, {already_done} already done, in {}",
         args.output_dir.display()
     );
     Ok(())
@@ -629,7 +667,8 @@ fn run(
     let paths = output.image_paths(&seeds);
     output.check_writable(&paths)?;
     let bar = output.progress_bar();
-    let generated = pipeline.generate(sampling, &jobs, &mut |done, total| {
+    let options = args.conditioning.options();
+    let generated = pipeline.generate_with(sampling, &options, &jobs, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;

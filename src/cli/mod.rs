@@ -1,6 +1,8 @@
 //! The command-line interface: argument parsing and dispatch only; the library does the work.
 
+mod conditioning;
 mod generate;
+mod lora;
 mod train;
 
 use clap::{Parser, Subcommand};

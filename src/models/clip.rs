@@ -213,6 +213,11 @@ impl ClipTextModel {
         })
     }
 
+    /// How many transformer layers the encoder has (diffusers' `clip_skip` goes up to one less).
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
     /// `last_hidden_state` `[batch, len, hidden]` for `[batch, len]` integer token ids: the
     /// conditioning SD uses.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {

@@ -7,6 +7,7 @@ use anyhow::Context;
 
 use super::{ImageJob, Sampling, SourceImage, StableDiffusion};
 use crate::batch_manifest::{Manifest, ManifestEntry};
+use crate::conditioning::PromptOptions;
 use crate::prompt_file::{group_for_batching, job_key, Job};
 use crate::schedulers::SamplerKind;
 
@@ -18,18 +19,23 @@ pub struct BatchSummary {
 }
 
 impl StableDiffusion {
-    /// Makes every job's image in `out_dir`, `batch_size` images per forward pass at most.
-    /// All jobs are checked before any work starts. `on_image(path)` reports each saved image.
+    /// Makes every job's image in `out_dir`, `batch_size` images per forward pass at most,
+    /// reading prompts with A1111 syntax when `prompt_syntax` is on. All jobs are checked
+    /// before any work starts. `on_image(path)` reports each saved image.
     pub fn run_batch(
         &self,
         jobs: &[Job],
         out_dir: &Path,
         batch_size: usize,
+        prompt_syntax: bool,
         on_image: &mut dyn FnMut(&Path),
     ) -> anyhow::Result<BatchSummary> {
         anyhow::ensure!(batch_size > 0, "the batch size must be at least 1");
         for job in jobs {
+            let options = job_prompt_options(job, prompt_syntax);
             self.validate_sampling(&job_sampling(job)?)
+                .and_then(|()| self.check_prompt(&job.prompt, &options))
+                .and_then(|()| self.check_prompt(&job.negative_prompt, &options))
                 .with_context(|| format!("prompt file line {}", job.line))?;
         }
         let mut manifest = Manifest::open(out_dir)?;
@@ -46,7 +52,8 @@ impl StableDiffusion {
                 .iter()
                 .map(|job| image_job(job, &sampling))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let generated = self.generate(&sampling, &image_jobs, &mut |_, _| {})?;
+            let options = job_prompt_options(group[0], prompt_syntax);
+            let generated = self.generate_with(&sampling, &options, &image_jobs, &mut |_, _| {})?;
             for ((job, image), info) in group.iter().zip(&generated.images).zip(&generated.infos) {
                 let path = out_dir.join(job.file_name());
                 let parameters = info.to_infotext();
@@ -61,6 +68,13 @@ impl StableDiffusion {
             generated: pending_jobs.len(),
             already_done,
         })
+    }
+}
+
+fn job_prompt_options(job: &Job, syntax: bool) -> PromptOptions {
+    PromptOptions {
+        syntax,
+        clip_skip: job.clip_skip,
     }
 }
 

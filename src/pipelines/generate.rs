@@ -10,6 +10,7 @@ use candle_core::{DType, Tensor};
 use image::RgbImage;
 
 use super::{DenoiseSpec, InpaintGuide, StableDiffusion};
+use crate::conditioning::PromptOptions;
 use crate::infotext::GenerationInfo;
 use crate::rng::{BatchNoise, NoiseSource};
 use crate::schedulers::{self, SamplerKind, Scheduler};
@@ -134,10 +135,21 @@ impl StableDiffusion {
         Ok(())
     }
 
-    /// Makes one image per job, all in one batch.
+    /// Makes one image per job, all in one batch, with the default prompt options.
     pub fn generate(
         &self,
         sampling: &Sampling,
+        jobs: &[ImageJob],
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> anyhow::Result<Generated> {
+        self.generate_with(sampling, &PromptOptions::default(), jobs, on_step)
+    }
+
+    /// Makes one image per job, all in one batch, reading the prompts with `prompts`.
+    pub fn generate_with(
+        &self,
+        sampling: &Sampling,
+        prompts: &PromptOptions,
         jobs: &[ImageJob],
         on_step: &mut dyn FnMut(usize, usize),
     ) -> anyhow::Result<Generated> {
@@ -148,7 +160,7 @@ impl StableDiffusion {
             sampling.steps,
             sampling.eta,
         )?;
-        let text_embeddings = self.conditioning(sampling, jobs)?;
+        let text_embeddings = self.conditioning(sampling, prompts, jobs)?;
         let seeds: Vec<u64> = jobs.iter().map(|j| j.seed).collect();
         let mut noise = BatchNoise::from_seeds(&seeds);
         let start = self.start(sampling, jobs, scheduler.as_ref(), &mut noise)?;
@@ -169,7 +181,7 @@ impl StableDiffusion {
         let images = crate::image_io::decoded_to_images(&self.decode_latents(&latents)?)?;
         let infos = jobs
             .iter()
-            .map(|job| self.generation_info(sampling, job))
+            .map(|job| self.generation_info(sampling, prompts, job))
             .collect();
         Ok(Generated {
             latents,
@@ -179,14 +191,20 @@ impl StableDiffusion {
     }
 
     /// `[negatives; positives]` when guidance applies (as diffusers: scale > 1), else positives.
-    fn conditioning(&self, sampling: &Sampling, jobs: &[ImageJob]) -> anyhow::Result<Tensor> {
+    fn conditioning(
+        &self,
+        sampling: &Sampling,
+        options: &PromptOptions,
+        jobs: &[ImageJob],
+    ) -> anyhow::Result<Tensor> {
         let positives = jobs.iter().map(|j| j.prompt.as_str());
-        if sampling.guidance_scale > 1.0 {
+        let prompts: Vec<&str> = if sampling.guidance_scale > 1.0 {
             let negatives = jobs.iter().map(|j| j.negative_prompt.as_str());
-            self.encode_prompts(&negatives.chain(positives).collect::<Vec<_>>())
+            negatives.chain(positives).collect()
         } else {
-            self.encode_prompts(&positives.collect::<Vec<_>>())
-        }
+            positives.collect()
+        };
+        self.encode_prompts_with(&prompts, options)
     }
 
     /// Initial latents, first step and inpainting guide for the run's mode.
@@ -312,7 +330,12 @@ impl StableDiffusion {
             .upsample_nearest2d(height / factor, width / factor)?)
     }
 
-    fn generation_info(&self, sampling: &Sampling, job: &ImageJob) -> GenerationInfo {
+    fn generation_info(
+        &self,
+        sampling: &Sampling,
+        prompts: &PromptOptions,
+        job: &ImageJob,
+    ) -> GenerationInfo {
         GenerationInfo {
             prompt: job.prompt.clone(),
             negative_prompt: job.negative_prompt.clone(),
@@ -326,6 +349,7 @@ impl StableDiffusion {
             model: self.model_name.clone(),
             eta: (sampling.sampler == SamplerKind::Ddim).then_some(sampling.eta),
             denoising_strength: job.source.as_ref().map(|_| sampling.strength),
+            clip_skip: (prompts.clip_skip > 1).then_some(prompts.clip_skip),
         }
     }
 }

@@ -17,12 +17,14 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::conditioning::{PromptEncoder, PromptOptions};
+use crate::lora::{merge_into, Component, LoraFile, LoraSpec};
 use crate::model_source::PipelineFolder;
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::schedulers::SchedulerConfig;
-use crate::tokenizer::{PromptTokenizer, TokenizedPrompt};
+use crate::tokenizer::PromptTokenizer;
 use crate::weights_file::WeightsFile;
 
 /// A loaded Stable Diffusion pipeline: tokenizer, text encoder, U-Net, VAE and the scheduler
@@ -42,6 +44,20 @@ pub struct StableDiffusion {
 
 impl StableDiffusion {
     pub fn load(folder: &PipelineFolder, device: &Device, dtype: DType) -> anyhow::Result<Self> {
+        Self::load_with_loras(folder, device, dtype, &[])
+    }
+
+    /// Loads the pipeline with `loras` merged into its U-Net and text encoder weights.
+    pub fn load_with_loras(
+        folder: &PipelineFolder,
+        device: &Device,
+        dtype: DType,
+        loras: &[LoraSpec],
+    ) -> anyhow::Result<Self> {
+        let loras = loras
+            .iter()
+            .map(|spec| Ok((LoraFile::read(&spec.path)?, spec.clone())))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let half = dtype != DType::F32;
         let tokenizer = PromptTokenizer::from_dir(&folder.root.join("tokenizer"))?;
         let mut scheduler_config =
@@ -51,12 +67,24 @@ impl StableDiffusion {
         scheduler_config.clip_sample = false;
 
         let clip_config = ClipTextConfig::from_file(&folder.config("text_encoder"))?;
-        let vb = weights(&folder.weights("text_encoder", half)?, dtype, device)?;
+        let vb = lora_weights(
+            &folder.weights("text_encoder", half)?,
+            Component::TextEncoder,
+            &loras,
+            dtype,
+            device,
+        )?;
         let text_encoder = ClipTextModel::new(vb, &clip_config)
             .with_context(|| component_error(folder, "text_encoder"))?;
 
         let unet_config = UNet2DConditionConfig::from_file(&folder.config("unet"))?;
-        let vb = weights(&folder.weights("unet", half)?, dtype, device)?;
+        let vb = lora_weights(
+            &folder.weights("unet", half)?,
+            Component::Unet,
+            &loras,
+            dtype,
+            device,
+        )?;
         let unet = UNet2DConditionModel::new(vb, &unet_config)
             .with_context(|| component_error(folder, "unet"))?;
 
@@ -95,22 +123,33 @@ impl StableDiffusion {
         (width * factor, height * factor)
     }
 
-    /// Prompt embeddings `[B, L, D]` for a batch of prompts, warning about truncation.
+    /// Prompt embeddings `[B, 77·k, D]` for a batch of prompts, with the default options
+    /// (A1111 syntax, no clip skip).
     pub fn encode_prompts(&self, prompts: &[&str]) -> anyhow::Result<Tensor> {
-        let mut tokenized = Vec::with_capacity(prompts.len());
-        for prompt in prompts {
-            let tokens = self.tokenizer.encode(prompt)?;
-            if tokens.truncated {
-                eprintln!(
-                    "warning: the prompt is {} tokens long; CLIP reads only the first {}: {prompt:?}",
-                    tokens.untruncated_len,
-                    self.tokenizer.max_length()
-                );
-            }
-            tokenized.push(tokens);
+        self.encode_prompts_with(prompts, &PromptOptions::default())
+    }
+
+    /// Fails when `prompt` cannot be encoded with `options` (see [`PromptEncoder::check`]).
+    pub fn check_prompt(&self, prompt: &str, options: &PromptOptions) -> anyhow::Result<()> {
+        self.prompt_encoder().check(prompt, options)
+    }
+
+    fn prompt_encoder(&self) -> PromptEncoder<'_> {
+        PromptEncoder {
+            tokenizer: &self.tokenizer,
+            text_encoder: &self.text_encoder,
+            device: &self.device,
         }
-        let ids = TokenizedPrompt::stack(&tokenized, &self.device)?;
-        Ok(self.text_encoder.forward(&ids)?)
+    }
+
+    /// Prompt embeddings `[B, 77·k, D]`: every prompt chunked, weighted and padded to the
+    /// longest as A1111 does (see [`crate::conditioning`]).
+    pub fn encode_prompts_with(
+        &self,
+        prompts: &[&str],
+        options: &PromptOptions,
+    ) -> anyhow::Result<Tensor> {
+        self.prompt_encoder().encode(prompts, options)
     }
 
     /// Latents to the VAE decoder's `[-1, 1]` image space, undoing the latent scaling.
@@ -127,6 +166,27 @@ fn weights(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<VarBuil
     let file = WeightsFile::open(path)
         .with_context(|| format!("cannot read weights file {}", path.display()))?;
     Ok(file.into_var_builder(dtype, device))
+}
+
+/// A component's weights with the LoRAs' updates for it merged in (read as they are when no
+/// LoRA touches it).
+fn lora_weights(
+    path: &Path,
+    component: Component,
+    loras: &[(LoraFile, LoraSpec)],
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<VarBuilder<'static>> {
+    let touched = loras
+        .iter()
+        .any(|(file, _)| file.adapters.iter().any(|a| a.component == component));
+    if !touched {
+        return weights(path, dtype, device);
+    }
+    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("cannot read weights file {}", path.display()))?;
+    merge_into(&mut tensors, component, loras)?;
+    Ok(VarBuilder::from_tensors(tensors, dtype, device))
 }
 
 fn component_error(folder: &PipelineFolder, component: &str) -> String {
