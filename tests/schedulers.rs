@@ -495,3 +495,40 @@ fn invalid_sampler_settings_are_errors() {
     // DDIM ignores the variance type, as diffusers does.
     assert!(schedulers::build(SamplerKind::Ddim, &large_log, 10, 0.0).is_ok());
 }
+
+/// A one-timestep training schedule is a valid config: every sampler either runs on it or
+/// refuses it with an error, never a panic (Karras sigmas interpolate between two timesteps).
+#[test]
+fn one_training_timestep_is_an_error_or_runs_never_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    for karras in [false, true] {
+        let json = format!(r#"{{"num_train_timesteps": 1, "use_karras_sigmas": {karras}}}"#);
+        let config = SchedulerConfig::from_file(&write_config(&dir, &json)).unwrap();
+        for &kind in SamplerKind::value_variants() {
+            let built = std::panic::catch_unwind(|| schedulers::build(kind, &config, 1, 0.0))
+                .unwrap_or_else(|_| panic!("{kind} (karras {karras}) panicked"));
+            let needs_karras_error = karras
+                && matches!(
+                    kind,
+                    SamplerKind::Euler | SamplerKind::DpmPp2m | SamplerKind::DpmPp2mSde
+                );
+            match built {
+                Err(error) => {
+                    if needs_karras_error {
+                        let message = format!("{error:#}");
+                        assert!(message.contains("num_train_timesteps"), "{kind}: {message}");
+                    }
+                }
+                Ok(mut scheduler) => {
+                    assert!(!needs_karras_error, "{kind} with Karras sigmas built");
+                    let sample = Tensor::ones((1, 4, 2, 2), DType::F32, &Device::Cpu).unwrap();
+                    let mut noise = ldm::rng::BatchNoise::from_seeds(&[0]);
+                    for step in 0..scheduler.timesteps().len() {
+                        let input = scheduler.scale_model_input(&sample, step).unwrap();
+                        scheduler.step(&input, step, &sample, &mut noise).unwrap();
+                    }
+                }
+            }
+        }
+    }
+}

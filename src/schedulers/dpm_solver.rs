@@ -56,7 +56,7 @@ impl DpmSolver {
             SigmaSpacing::Karras => {
                 let (min, max) = (train_sigmas[0], train_sigmas[train_sigmas.len() - 1]);
                 let sigmas = karras_sigmas(config, min as f64, max as f64, num_steps);
-                let log_sigmas = log_sigmas(&train_sigmas);
+                let log_sigmas = log_sigmas(&train_sigmas)?;
                 // Rounded, except on the cosine schedule where diffusers truncates instead.
                 let cosine = config.beta_schedule == BetaSchedule::SquaredcosCapV2;
                 timesteps = sigmas

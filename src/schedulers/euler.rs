@@ -53,7 +53,7 @@ impl Euler {
             SigmaSpacing::Karras => {
                 let (first, last) = (sigmas[0], sigmas[sigmas.len() - 1]);
                 sigmas = karras_sigmas(config, last, first, sigmas.len());
-                let log_sigmas = log_sigmas(&train_sigmas);
+                let log_sigmas = log_sigmas(&train_sigmas)?;
                 sigmas
                     .iter()
                     .map(|&s| sigma_to_timestep(s, &log_sigmas) as f32 as f64)

@@ -67,13 +67,21 @@ pub(super) fn karras_sigmas(
         .collect()
 }
 
-/// ln σ of the training sigmas, in float32 as numpy takes them.
-pub(super) fn log_sigmas(train_sigmas: &[f32]) -> Vec<f64> {
-    train_sigmas.iter().map(|&s| s.ln() as f64).collect()
+/// ln σ of the training sigmas, in float32 as numpy takes them, for [`sigma_to_timestep`],
+/// which interpolates between two of them: a one-timestep schedule is an error.
+pub(super) fn log_sigmas(train_sigmas: &[f32]) -> anyhow::Result<Vec<f64>> {
+    anyhow::ensure!(
+        train_sigmas.len() >= 2,
+        "Karras sigmas need at least 2 training timesteps, the scheduler config has \
+         num_train_timesteps {}",
+        train_sigmas.len()
+    );
+    Ok(train_sigmas.iter().map(|&s| s.ln() as f64).collect())
 }
 
 /// The fractional training timestep of a sigma, interpolating linearly in log-sigma between
-/// the two training timesteps around it (diffusers' `_sigma_to_t`).
+/// the two training timesteps around it (diffusers' `_sigma_to_t`); `log_sigmas` holds at least
+/// two.
 pub(super) fn sigma_to_timestep(sigma: f64, log_sigmas: &[f64]) -> f64 {
     let log_sigma = sigma.max(1e-10).ln();
     // The last training timestep whose log-sigma is at most `log_sigma`, kept below the end.
