@@ -1,6 +1,8 @@
 //! Writes that survive a kill: files and folders are built under temporary names, synced, and
 //! published by rename, so a reader sees the old version or the new one, never a partial one.
-//! Every error names the path it is about.
+//! Every error names the path it is about. What is published gets the mode a plain create
+//! would give it (0666 for files, 0777 for folders, less the umask), not the owner-only mode of
+//! a temporary file, so a web server or another user can read generated images.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -10,7 +12,8 @@ use anyhow::Context;
 /// Writes `bytes` to a temporary file beside `path`, syncs it, then renames it over `path`
 /// (or, without `overwrite`, fails if `path` exists).
 pub fn write_atomically(path: &Path, bytes: &[u8], overwrite: bool) -> anyhow::Result<()> {
-    let mut file = tempfile::NamedTempFile::new_in(parent_dir(path))
+    let mut file = builder(PLAIN_FILE_MODE)
+        .tempfile_in(parent_dir(path))
         .with_context(|| format!("cannot write into {}", parent_dir(path).display()))?;
     file.write_all(bytes)
         .and_then(|_| file.as_file().sync_all())
@@ -29,7 +32,7 @@ pub fn write_atomically_with(
     path: &Path,
     write: impl FnOnce(&Path) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let temp = tempfile::Builder::new()
+    let temp = builder(PLAIN_FILE_MODE)
         .prefix(".tmp-")
         .tempfile_in(parent_dir(path))
         .with_context(|| format!("cannot write into {}", parent_dir(path).display()))?;
@@ -61,7 +64,7 @@ pub fn staging_dir(out_dir: &Path, prefix: &str) -> anyhow::Result<tempfile::Tem
             remove_dir_if_present(&entry.path())?;
         }
     }
-    tempfile::Builder::new()
+    builder(PLAIN_DIR_MODE)
         .prefix(prefix)
         .tempdir_in(out_dir)
         .with_context(|| format!("cannot create a temporary folder in {}", out_dir.display()))
@@ -126,9 +129,64 @@ fn ignore_not_found(result: std::io::Result<()>, path: &Path) -> anyhow::Result<
     }
 }
 
+/// What `File::create` and `create_dir` ask for; the kernel takes the umask off.
+const PLAIN_FILE_MODE: u32 = 0o666;
+const PLAIN_DIR_MODE: u32 = 0o777;
+
+/// A temporary-file builder creating with `mode` (less the umask) where modes exist.
+fn builder(mode: u32) -> tempfile::Builder<'static, 'static> {
+    let mut builder = tempfile::Builder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(mode));
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    builder
+}
+
 fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// This process's umask, read without changing it (tests run in parallel).
+    fn umask() -> u32 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find_map(|l| l.strip_prefix("Umask:"));
+        u32::from_str_radix(line.expect("Umask in /proc/self/status").trim(), 8).unwrap()
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn published_files_and_folders_get_plain_create_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, b"x").unwrap();
+        let expected = 0o666 & !umask();
+        assert_eq!(mode(&plain), expected, "what File::create gives");
+
+        let atomic = dir.path().join("atomic");
+        write_atomically(&atomic, b"x", false).unwrap();
+        assert_eq!(mode(&atomic), expected);
+
+        let with = dir.path().join("with");
+        write_atomically_with(&with, |temp| Ok(std::fs::write(temp, b"x")?)).unwrap();
+        assert_eq!(mode(&with), expected);
+
+        let staged = staging_dir(dir.path(), ".stage-").unwrap();
+        assert_eq!(mode(staged.path()), 0o777 & !umask());
     }
 }
