@@ -599,9 +599,9 @@ impl<'a> BatchShape<'a> {
 
 /// Splits `jobs` into batches of positions in `jobs`: each batch holds jobs of one shape, at
 /// most `batch_size` of them, in file order; batches are ordered by their first job, so work
-/// follows the file as closely as batching allows.
-pub fn group_for_batching(jobs: &[Job], batch_size: usize) -> Vec<Vec<usize>> {
-    assert!(batch_size > 0, "batch size must be at least 1");
+/// follows the file as closely as batching allows. A batch size of 0 is an error.
+pub fn group_for_batching(jobs: &[Job], batch_size: usize) -> anyhow::Result<Vec<Vec<usize>>> {
+    anyhow::ensure!(batch_size > 0, "the batch size must be at least 1");
     let mut groups: Vec<(BatchShape, Vec<usize>)> = Vec::new();
     for (position, job) in jobs.iter().enumerate() {
         let shape = BatchShape::of(job);
@@ -620,7 +620,7 @@ pub fn group_for_batching(jobs: &[Job], batch_size: usize) -> Vec<Vec<usize>> {
         })
         .collect();
     batches.sort_by_key(|batch| batch[0]);
-    batches
+    Ok(batches)
 }
 
 #[cfg(test)]

@@ -728,7 +728,7 @@ fn batches_share_one_shape_respect_the_size_and_keep_file_order() {
 "#;
     let jobs = expand_jobs(&jsonl(text).entries, &defaults());
     assert_eq!(
-        group_for_batching(&jobs, 2),
+        group_for_batching(&jobs, 2).unwrap(),
         vec![
             vec![0, 2], // 512x512, 50 steps, txt2img: prompts, seeds and negatives may differ
             vec![1, 3], // 640 wide
@@ -741,7 +741,11 @@ fn batches_share_one_shape_respect_the_size_and_keep_file_order() {
             vec![12],   // other sampler
         ]
     );
-    let all: Vec<usize> = group_for_batching(&jobs, 3).into_iter().flatten().collect();
+    let all: Vec<usize> = group_for_batching(&jobs, 3)
+        .unwrap()
+        .into_iter()
+        .flatten()
+        .collect();
     let mut sorted = all.clone();
     sorted.sort();
     assert_eq!(
@@ -761,14 +765,21 @@ fn batch_size_splits_a_large_group_in_file_order() {
         },
     );
     assert_eq!(
-        group_for_batching(&jobs, 3),
+        group_for_batching(&jobs, 3).unwrap(),
         vec![vec![0, 1, 2], vec![3, 4, 5], vec![6, 7]]
     );
-    assert_eq!(group_for_batching(&jobs, 1).len(), 8);
+    assert_eq!(group_for_batching(&jobs, 1).unwrap().len(), 8);
     assert_eq!(
-        group_for_batching(&jobs, 100),
+        group_for_batching(&jobs, 100).unwrap(),
         vec![(0..8).collect::<Vec<_>>()]
     );
+}
+
+#[test]
+fn batch_size_zero_is_an_error_not_a_panic() {
+    let jobs = expand_jobs(&plain("a red apple").entries, &defaults());
+    let error = group_for_batching(&jobs, 0).unwrap_err().to_string();
+    assert!(error.contains("at least 1"), "{error}");
 }
 
 #[test]
@@ -776,7 +787,7 @@ fn batches_are_positions_in_the_given_slice() {
     // After skipping finished work the pending jobs no longer start at index 0.
     let jobs = expand_jobs(&plain("a\nb\nc\nd").entries, &defaults());
     let pending: Vec<Job> = jobs.into_iter().filter(|j| j.index % 2 == 1).collect();
-    let batches = group_for_batching(&pending, 4);
+    let batches = group_for_batching(&pending, 4).unwrap();
     assert_eq!(batches, vec![vec![0, 1]]);
     assert_eq!(
         batches[0]

@@ -45,7 +45,7 @@ impl StableDiffusion {
             .collect();
         let already_done = jobs.len() - pending.len();
         let pending_jobs: Vec<Job> = pending.into_iter().cloned().collect();
-        for group in group_for_batching(&pending_jobs, batch_size) {
+        for group in group_for_batching(&pending_jobs, batch_size)? {
             let group: Vec<&Job> = group.iter().map(|&i| &pending_jobs[i]).collect();
             let sampling = job_sampling(group[0])?;
             let image_jobs = group
