@@ -360,3 +360,40 @@ fn unreadable_images_are_named() {
     ];
     assert_clean_error(&ldm(&args), &["/no/such.png"]);
 }
+
+/// Written files get the mode a plain create gives (0666 less the umask), not a temporary
+/// file's 0600.
+#[cfg(unix)]
+#[test]
+fn outputs_are_readable_as_the_umask_allows() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    for (umask, mode) in [("022", 0o644), ("077", 0o600), ("002", 0o664)] {
+        let out = dir.path().join(format!("umask-{umask}.png"));
+        let latents = dir.path().join(format!("umask-{umask}.st"));
+        let args = quick(&[
+            "--seed",
+            "1",
+            "-o",
+            out.to_str().unwrap(),
+            "--save-latents",
+            latents.to_str().unwrap(),
+        ]);
+        let output = Command::new("sh")
+            .arg("-c")
+            .arg(format!("umask {umask} && exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_ldm"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        for path in [&out, &latents] {
+            let actual = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(actual, mode, "{} under umask {umask}", path.display());
+        }
+    }
+}
