@@ -361,6 +361,27 @@ fn unreadable_images_are_named() {
     assert_clean_error(&ldm(&args), &["/no/such.png"]);
 }
 
+#[test]
+fn seeds_below_minus_one_are_refused() {
+    assert_clean_error(&run(&quick(&["--seed", "-2"])), &["-2", "-1", "seed"]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("prompts.txt");
+    std::fs::write(&file, "a red apple\n").unwrap();
+    let out = dir.path().join("out");
+    let batch = [
+        "batch",
+        file.to_str().unwrap(),
+        "--model",
+        &tiny_sd1(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--seed",
+        "-7",
+    ];
+    assert_clean_error(&ldm(&batch), &["-7", "seed"]);
+    assert!(!out.exists(), "nothing starts on a bad seed");
+}
+
 /// Written files get the mode a plain create gives (0666 less the umask), not a temporary
 /// file's 0600.
 #[cfg(unix)]

@@ -92,7 +92,7 @@ pub struct SamplingArgs {
     pub guidance_rescale: f64,
 
     /// Seed of image 1; image i uses seed + i - 1. Random (and printed) when omitted or -1.
-    #[arg(short, long, allow_negative_numbers = true, value_name = "SEED")]
+    #[arg(short, long, allow_negative_numbers = true, value_name = "SEED", value_parser = parse_seed)]
     pub seed: Option<i64>,
 
     /// DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like noise at every step.
@@ -144,6 +144,20 @@ impl SamplingArgs {
             .map(|i| base.wrapping_add(i))
             .collect()
     }
+}
+
+/// A seed: -1 (random, A1111's convention) or a non-negative number; anything below -1 is a
+/// mistake, not a request for a random seed.
+fn parse_seed(text: &str) -> Result<i64, String> {
+    let seed: i64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a whole number"))?;
+    if seed < -1 {
+        return Err(format!(
+            "{seed} is not a seed: give -1 for a random seed or a number from 0 up"
+        ));
+    }
+    Ok(seed)
 }
 
 /// Where and how results are written.
