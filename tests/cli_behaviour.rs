@@ -382,6 +382,70 @@ fn seeds_below_minus_one_are_refused() {
     assert!(!out.exists(), "nothing starts on a bad seed");
 }
 
+/// `-N` images run `--batch-size` at a time: the same images as one batch up to rounding,
+/// and, one at a time (the default), bit for bit the images of single runs.
+#[test]
+fn num_images_run_batch_size_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let latents = |name: &str| {
+        candle_core::safetensors::load(path(name), &candle_core::Device::Cpu).unwrap()["latents"]
+            .clone()
+    };
+    let three = |name: &str, batch_size: &str| {
+        let args = quick(&[
+            "--seed",
+            "20",
+            "-N",
+            "3",
+            "--batch-size",
+            batch_size,
+            "-o",
+            &path(&format!("{name}.png")),
+            "--save-latents",
+            &path(&format!("{name}.st")),
+        ]);
+        let output = run(&args);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        latents(&format!("{name}.st"))
+    };
+    let one_by_one = three("single", "1");
+    let in_twos = three("twos", "2");
+    let all = three("all", "3");
+    assert_eq!(one_by_one.dim(0).unwrap(), 3);
+    common::assert_close("batches of 2 vs 1", &in_twos, &one_by_one, 1e-4);
+    common::assert_close("one batch of 3 vs 1", &all, &one_by_one, 1e-4);
+    let alone = quick(&[
+        "--seed",
+        "22",
+        "-o",
+        &path("alone.png"),
+        "--save-latents",
+        &path("alone.st"),
+    ]);
+    assert!(run(&alone).status.success());
+    assert_eq!(
+        common::max_abs_diff(
+            &one_by_one.get(2).unwrap(),
+            &latents("alone.st").get(0).unwrap()
+        ),
+        0.0,
+        "image 3 of seed 20, made alone, is the seed-22 image"
+    );
+    assert_eq!(
+        image::open(path("single-3.png")).unwrap().to_rgb8(),
+        image::open(path("alone.png")).unwrap().to_rgb8()
+    );
+    assert_clean_error(
+        &run(&quick(&["--batch-size", "0"])),
+        &["--batch-size", "at least 1"],
+    );
+}
+
 /// Written files get the mode a plain create gives (0666 less the umask), not a temporary
 /// file's 0600.
 #[cfg(unix)]

@@ -119,6 +119,8 @@ fn command_for(case: &Case, json: &serde_json::Value, out: &Path) -> Command {
         .args(["--guidance-scale", &call["guidance_scale"].to_string()])
         .args(["--seed", &seeds[0].to_string()])
         .args(["--num-images", &seeds.len().to_string()])
+        // One batched pass for all images, as diffusers ran them.
+        .args(["--batch-size", &seeds.len().to_string()])
         .args(["--width", &call["width"].to_string()])
         .args(["--height", &call["height"].to_string()])
         .args(["--device", "cpu", "--dtype", "f32", "--quiet"])

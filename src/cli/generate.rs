@@ -4,6 +4,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use candle_core::Tensor;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -217,32 +218,42 @@ impl OutputArgs {
         Ok(())
     }
 
-    fn write(&self, generated: &Generated, paths: &[PathBuf]) -> anyhow::Result<()> {
+    fn write_images(&self, generated: &Generated, paths: &[PathBuf]) -> anyhow::Result<()> {
         for ((image, info), path) in generated.images.iter().zip(&generated.infos).zip(paths) {
             crate::image_io::save_png(image, path, &info.to_infotext(), self.overwrite)?;
             println!("{}", path.display());
         }
+        Ok(())
+    }
+
+    /// `--save-latents`: the final latents of every image, `[N, C, h, w]`.
+    fn write_latents(&self, latents: &[Tensor]) -> anyhow::Result<()> {
         if let Some(path) = &self.save_latents {
-            let latents = generated.latents.to_dtype(candle_core::DType::F32)?;
+            let latents = Tensor::cat(latents, 0)?.to_dtype(candle_core::DType::F32)?;
             let bytes = safetensors::serialize([("latents", &latents)], None)?;
             crate::durable::write_atomically(path, &bytes, self.overwrite)?;
         }
         Ok(())
     }
+}
 
-    fn progress_bar(&self) -> ProgressBar {
-        if self.quiet || !std::io::stderr().is_terminal() {
-            return ProgressBar::hidden();
-        }
-        let bar = ProgressBar::new(0);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} steps [{elapsed_precise}<{eta_precise}, {per_sec}]",
-            )
-            .expect("valid template"),
-        );
-        bar
+/// A progress bar of `len` on a terminal, unless `quiet`; hidden otherwise.
+fn progress_bar(quiet: bool, len: u64) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(len)
     }
+}
+
+/// The denoising-step bar of txt2img, img2img and inpaint.
+fn steps_bar(quiet: bool, len: u64) -> ProgressBar {
+    progress_bar(quiet, len).with_style(
+        ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} steps [{elapsed_precise}<{eta_precise}, {per_sec}]",
+        )
+        .expect("valid template"),
+    )
 }
 
 /// `out.png`, 2 -> `out-2.png`.
@@ -303,7 +314,8 @@ pub struct BatchRunArgs {
     #[arg(long, default_value = "outputs", value_name = "DIR")]
     pub output_dir: PathBuf,
 
-    /// Images per batched forward pass (prompts of the same shape run together).
+    /// Images per batched forward pass: prompts of the same shape run together, and -N images
+    /// of one prompt run this many at a time.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub batch_size: usize,
 
@@ -405,15 +417,23 @@ pub fn txt2img(args: Txt2ImgArgs) -> anyhow::Result<()> {
     let (width, height) = pipeline.default_size();
     let sampling = args.sampling.sampling(width, height, 1.0);
     if let Some(file) = &args.batch.from_file {
+        let source = SourceArgs {
+            image: None,
+            mask: None,
+            strength: 1.0,
+        };
+        let run = PromptFileRun {
+            file,
+            args: &args.batch.run,
+            quiet: args.output.quiet,
+        };
         return batch(
             &pipeline,
             &args.model,
-            file,
-            &args.batch.run,
+            &run,
             &args.sampling,
             &sampling,
-            None,
-            None,
+            &source,
         );
     }
     run(
@@ -423,6 +443,7 @@ pub fn txt2img(args: Txt2ImgArgs) -> anyhow::Result<()> {
         &args.sampling,
         None,
         &args.output,
+        args.batch.run.batch_size,
     )
 }
 
@@ -458,7 +479,7 @@ pub fn inpaint(args: InpaintArgs) -> anyhow::Result<()> {
     )
 }
 
-/// What img2img and inpaint start from.
+/// What img2img and inpaint start from (defaults for a prompt file's lines).
 struct SourceArgs<'a> {
     image: Option<&'a Path>,
     mask: Option<&'a Path>,
@@ -478,16 +499,12 @@ fn edit(
     if let Some(file) = &batch_args.from_file {
         let (width, height) = pipeline.default_size();
         let sampling = args.sampling(width, height, source.strength);
-        return batch(
-            &pipeline,
-            model,
+        let run = PromptFileRun {
             file,
-            &batch_args.run,
-            args,
-            &sampling,
-            source.image,
-            source.mask,
-        );
+            args: &batch_args.run,
+            quiet: output.quiet,
+        };
+        return batch(&pipeline, model, &run, args, &sampling, source);
     }
     let image = crate::image_io::load_rgb(source.image.context("--image is required")?)?;
     let (width, height) = source_size(&pipeline, &image, args);
@@ -519,6 +536,7 @@ fn edit(
         args,
         Some(source_image),
         output,
+        batch_args.run.batch_size,
     )
 }
 
@@ -549,23 +567,42 @@ pub struct BatchCommandArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+
+    /// No progress bar.
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
 pub fn batch_command(args: BatchCommandArgs) -> anyhow::Result<()> {
     let pipeline = args.model.load(&args.model.lora.loras)?;
     let (width, height) = pipeline.default_size();
     let sampling = args.sampling.sampling(width, height, args.strength);
-    let (image, mask) = (args.image.as_deref(), args.mask.as_deref());
+    let source = SourceArgs {
+        image: args.image.as_deref(),
+        mask: args.mask.as_deref(),
+        strength: args.strength,
+    };
+    let run = PromptFileRun {
+        file: &args.file,
+        args: &args.run,
+        quiet: args.quiet,
+    };
     batch(
         &pipeline,
         &args.model,
-        &args.file,
-        &args.run,
+        &run,
         &args.sampling,
         &sampling,
-        image,
-        mask,
+        &source,
     )
+}
+
+/// A prompt file and how to run it.
+struct PromptFileRun<'a> {
+    file: &'a Path,
+    args: &'a BatchRunArgs,
+    /// No progress bar.
+    quiet: bool,
 }
 
 /// Runs a prompt file with the command line's settings as defaults.
@@ -573,13 +610,12 @@ pub fn batch_command(args: BatchCommandArgs) -> anyhow::Result<()> {
 fn batch(
     pipeline: &StableDiffusion,
     model: &ModelArgs,
-    file: &Path,
-    args: &BatchRunArgs,
+    run: &PromptFileRun,
     sampling_args: &SamplingArgs,
     sampling: &Sampling,
-    image: Option<&Path>,
-    mask: Option<&Path>,
+    source: &SourceArgs,
 ) -> anyhow::Result<()> {
+    let (file, args, quiet) = (run.file, run.args, run.quiet);
     let defaults = JobDefaults {
         negative_prompt: sampling_args.negative_prompt.clone(),
         // A fixed base seed keeps re-runs resumable: a random one would make every job new.
@@ -593,8 +629,8 @@ fn batch(
         scheduler: sampling.sampler.to_string(),
         model: pipeline.model_name.clone(),
         num_images: sampling_args.num_images,
-        image: image.map(Path::to_path_buf),
-        mask: mask.map(Path::to_path_buf),
+        image: source.image.map(Path::to_path_buf),
+        mask: source.mask.map(Path::to_path_buf),
         strength: sampling.strength,
         clip_skip: sampling_args.conditioning.clip_skip,
         loras: model.lora.loras.iter().map(LoraSpec::to_string).collect(),
@@ -606,11 +642,7 @@ fn batch(
     add_prompt_loras(&mut jobs, &model.lora)?;
     std::fs::create_dir_all(&args.output_dir)
         .with_context(|| format!("cannot create {}", args.output_dir.display()))?;
-    let bar = if std::io::stderr().is_terminal() {
-        ProgressBar::new(jobs.len() as u64)
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = progress_bar(quiet, jobs.len() as u64);
     let syntax = !sampling_args.conditioning.no_prompt_syntax;
     let (mut generated, mut already_done) = (0, 0);
     // Jobs with other LoRAs than the command line's run on a pipeline loaded with theirs.
@@ -653,7 +685,8 @@ fn source_size(
     (args.width.unwrap_or(width), args.height.unwrap_or(height))
 }
 
-/// Runs one command's images as one batch and writes them.
+/// Runs one command's images, `batch_size` per forward pass, writing each batch's images as it
+/// finishes (and all latents at the end).
 fn run(
     pipeline: &StableDiffusion,
     sampling: &Sampling,
@@ -661,9 +694,13 @@ fn run(
     args: &SamplingArgs,
     source: Option<SourceImage>,
     output: &OutputArgs,
+    batch_size: usize,
 ) -> anyhow::Result<()> {
     if args.num_images == 0 {
         bail!("--num-images must be at least 1");
+    }
+    if batch_size == 0 {
+        bail!("--batch-size must be at least 1");
     }
     let prompt = prompt.text();
     let jobs: Vec<ImageJob> = args
@@ -680,12 +717,22 @@ fn run(
     let seeds: Vec<u64> = jobs.iter().map(|j| j.seed).collect();
     let paths = output.image_paths(&seeds);
     output.check_writable(&paths)?;
-    let bar = output.progress_bar();
     let options = args.conditioning.options();
-    let generated = pipeline.generate_with(sampling, &options, &jobs, &mut |done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    })?;
+    let batches = jobs.len().div_ceil(batch_size);
+    let bar = steps_bar(output.quiet, 0);
+    let mut latents = Vec::with_capacity(batches);
+    for (index, (batch, paths)) in jobs
+        .chunks(batch_size)
+        .zip(paths.chunks(batch_size))
+        .enumerate()
+    {
+        let generated = pipeline.generate_with(sampling, &options, batch, &mut |done, total| {
+            bar.set_length((total * batches) as u64);
+            bar.set_position((index * total + done) as u64);
+        })?;
+        bar.suspend(|| output.write_images(&generated, paths))?;
+        latents.push(generated.latents);
+    }
     bar.finish_and_clear();
-    output.write(&generated, &paths)
+    output.write_latents(&latents)
 }
