@@ -20,68 +20,40 @@ struct Case {
     model: &'static str,
 }
 
-const CASES: &[Case] = &[
-    Case {
-        name: "txt2img_sd1_ddim",
-        model: "tiny-sd1",
-    },
-    Case {
-        name: "txt2img_sd1_ddpm",
-        model: "tiny-sd1",
-    },
-    Case {
-        name: "txt2img_sd1_ddim_eta",
-        model: "tiny-sd1",
-    },
-    Case {
-        name: "txt2img_sd1_cfg1",
-        model: "tiny-sd1",
-    },
-    Case {
-        name: "txt2img_sd1_batch2",
-        model: "tiny-sd1",
-    },
-    Case {
-        name: "txt2img_sd2_ddim",
-        model: "tiny-sd2",
-    },
-    Case {
-        name: "txt2img_sd2_ddpm",
-        model: "tiny-sd2",
-    },
-    Case {
-        name: "txt2img_sd2_ddim_rescale",
-        model: "tiny-sd2",
-    },
-    Case {
-        name: "txt2img_sd1_euler_a",
-        model: "tiny-sd1",
-    },
-    Case {
-        name: "txt2img_sd2_euler",
-        model: "tiny-sd2",
-    },
-    Case {
-        name: "txt2img_sd1_dpmpp_2m",
-        model: "tiny-sd1",
-    },
-    Case {
-        name: "txt2img_sd2_dpmpp_2m_sde",
-        model: "tiny-sd2",
-    },
-    Case {
-        name: "img2img_sd1_ddim",
-        model: "tiny-sd1",
-    },
-    Case {
-        name: "inpaint_9ch_ddim",
-        model: "tiny-inpaint",
-    },
-    Case {
-        name: "inpaint_4ch_ddim",
-        model: "tiny-sd1",
-    },
-];
+/// One test per recorded diffusers run, so each failure is reported on its own; `CASES` lists
+/// them all for the completeness check.
+macro_rules! parity_cases {
+    ($($name:ident: $model:literal,)*) => {
+        const CASES: &[&str] = &[$(stringify!($name)),*];
+        $(
+            #[test]
+            fn $name() {
+                check_case(&Case {
+                    name: stringify!($name),
+                    model: $model,
+                });
+            }
+        )*
+    };
+}
+
+parity_cases! {
+    txt2img_sd1_ddim: "tiny-sd1",
+    txt2img_sd1_ddpm: "tiny-sd1",
+    txt2img_sd1_ddim_eta: "tiny-sd1",
+    txt2img_sd1_cfg1: "tiny-sd1",
+    txt2img_sd1_batch2: "tiny-sd1",
+    txt2img_sd2_ddim: "tiny-sd2",
+    txt2img_sd2_ddpm: "tiny-sd2",
+    txt2img_sd2_ddim_rescale: "tiny-sd2",
+    txt2img_sd1_euler_a: "tiny-sd1",
+    txt2img_sd2_euler: "tiny-sd2",
+    txt2img_sd1_dpmpp_2m: "tiny-sd1",
+    txt2img_sd2_dpmpp_2m_sde: "tiny-sd2",
+    img2img_sd1_ddim: "tiny-sd1",
+    inpaint_9ch_ddim: "tiny-inpaint",
+    inpaint_4ch_ddim: "tiny-sd1",
+}
 
 /// The `ldm` command line that reproduces a recorded diffusers call.
 fn command_for(case: &Case, json: &serde_json::Value, out: &Path) -> Command {
@@ -213,9 +185,22 @@ fn check_case(case: &Case) {
     }
 }
 
+/// Every recorded pipeline run has its test above.
 #[test]
-fn cli_runs_reproduce_diffusers_from_the_seed() {
-    for case in CASES {
-        check_case(case);
+fn every_pipeline_fixture_has_a_case() {
+    let fixtures: Vec<String> = std::fs::read_dir(common::fixture("cases"))
+        .unwrap()
+        .filter_map(|entry| {
+            let name = entry.ok()?.file_name().into_string().ok()?;
+            let case = name.strip_suffix(".json")?;
+            ["txt2img_", "img2img_", "inpaint_"]
+                .iter()
+                .any(|prefix| case.starts_with(prefix))
+                .then(|| case.to_string())
+        })
+        .collect();
+    assert_eq!(fixtures.len(), CASES.len(), "{fixtures:?}");
+    for fixture in &fixtures {
+        assert!(CASES.contains(&fixture.as_str()), "no test for {fixture}");
     }
 }
