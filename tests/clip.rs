@@ -218,7 +218,7 @@ fn backward_reaches_every_weight() -> candle_core::Result<()> {
     ];
     let out = model.forward(&TokenizedPrompt::stack(&prompts, &device)?)?;
     // A random projection of the output: a plain sum of LayerNorm outputs has no gradient.
-    let weights = Tensor::randn(0f32, 1., out.shape(), &device)?;
+    let weights = common::randn(1, out.dims(), DType::F32);
     let grads = (out * weights)?.sum_all()?.backward()?;
     let vars = varmap.data().lock().unwrap();
     // Embeddings (2) and final LayerNorm (2), plus 4 projections, 2 MLP linears and 2 LayerNorms

@@ -365,12 +365,6 @@ fn sd_schedule(prediction: PredictionTarget) -> NoiseSchedule {
     NoiseSchedule::new(&serde_json::from_value::<SchedulerConfig>(json).unwrap())
 }
 
-fn randn(shape: &[usize], seed: u64) -> Tensor {
-    let count = shape.iter().product();
-    let values = ldm::rng::TorchGenerator::new(seed).randn(count);
-    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
-}
-
 #[test]
 fn every_trainable_weight_gets_a_gradient() {
     let (varmap, unet, text, tokenizer) = fresh_models(5);
@@ -383,8 +377,8 @@ fn every_trainable_weight_gets_a_gradient() {
         &conditioning,
         &sd_schedule(PredictionTarget::Epsilon),
         PredictionTarget::Epsilon,
-        &randn(&[2, 4, 8, 8], 1),
-        &randn(&[2, 4, 8, 8], 2),
+        &common::randn(1, &[2, 4, 8, 8], DType::F32),
+        &common::randn(2, &[2, 4, 8, 8], DType::F32),
         &[10, 900],
     )
     .unwrap();
@@ -428,7 +422,11 @@ fn v_prediction_loss_targets_the_velocity() {
         )
         .unwrap();
     let schedule = sd_schedule(PredictionTarget::VPrediction);
-    let (x0, noise, timesteps) = (randn(&[2, 4, 8, 8], 3), randn(&[2, 4, 8, 8], 4), [0, 999]);
+    let (x0, noise, timesteps) = (
+        common::randn(3, &[2, 4, 8, 8], DType::F32),
+        common::randn(4, &[2, 4, 8, 8], DType::F32),
+        [0, 999],
+    );
     let loss = unet::diffusion_loss(
         &unet,
         &conditioning,
@@ -529,7 +527,7 @@ fn half_precision_export_halves_the_weights_and_still_loads() {
             assert!(leftovers.is_empty(), "{leftovers:?}");
             let folder = PipelineFolder::resolve(Some(out.to_str().unwrap()), false).unwrap();
             let pipeline = StableDiffusion::load(&folder, &Device::Cpu, DType::F32).unwrap();
-            let x = randn(&[1, 4, 8, 8], 8);
+            let x = common::randn(8, &[1, 4, 8, 8], DType::F32);
             let t = Tensor::new(&[500f32], &Device::Cpu).unwrap();
             let context = pipeline.encode_prompts(&["a red circle"]).unwrap();
             let loaded = pipeline.unet.forward(&x, &t, &context).unwrap();
@@ -654,7 +652,7 @@ fn optimizer_and_ema_state_keep_no_autograd_graph() {
     let second = candle_nn::conv2d(8, 8, 3, Default::default(), vb.pp("second")).unwrap();
     let mut optim = ldm::training::optim::AdamW::new(&varmap, AdamWConfig::default()).unwrap();
     let mut ema = ldm::training::optim::Ema::new(&varmap, 0.9).unwrap();
-    let x = randn(&[1, 4, 9, 9], 1);
+    let x = common::randn(1, &[1, 4, 9, 9], DType::F32);
     let y = second.forward(&first.forward(&x).unwrap()).unwrap();
     let grads = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
     let kernel_grad = grads.get(second.weight()).unwrap();

@@ -4,6 +4,8 @@
 //! The closed-form KL against a Monte-Carlo estimate is tested with the model, in
 //! tests/vae.rs (`closed_form_kl_matches_monte_carlo`).
 
+mod common;
+
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -12,7 +14,6 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use image::{Rgb, RgbImage};
 use ldm::models::vae::{AutoencoderKL, AutoencoderKLConfig};
-use ldm::rng::TorchGenerator;
 use ldm::training::metrics::{StepReport, TrainObserver};
 use ldm::training::vae::{
     negative_elbo, train, ReconLoss, TrainVaeOptions, TrainVaeSummary, VaeArchitecture,
@@ -140,23 +141,13 @@ fn tiny_f64_vae() -> (VarMap, AutoencoderKL, usize) {
     (varmap, vae, cfg.latent_channels)
 }
 
-fn randn(seed: u64, shape: &[usize]) -> Tensor {
-    let n = shape.iter().product();
-    let values: Vec<f64> = TorchGenerator::new(seed)
-        .randn(n)
-        .into_iter()
-        .map(f64::from)
-        .collect();
-    Tensor::from_vec(values, shape, &CPU).unwrap()
-}
-
 /// Backprop through z = μ + σ·ε against central finite differences, for both reconstruction
 /// losses, on weights of the encoder's mean/log-variance head and of the decoder.
 #[test]
 fn negative_elbo_gradients_match_finite_differences() {
     let (varmap, vae, latent_channels) = tiny_f64_vae();
-    let images = (randn(1, &[2, 3, 8, 8]) * 0.5).unwrap();
-    let eps = randn(2, &[2, latent_channels, 4, 4]);
+    let images = (common::randn(1, &[2, 3, 8, 8], DType::F64) * 0.5).unwrap();
+    let eps = common::randn(2, &[2, latent_channels, 4, 4], DType::F64);
     // A KL weight large enough that the KL's gradient matters next to the reconstruction's.
     let kl_weight = 0.05;
     let vars = varmap.data().lock().unwrap().clone();
@@ -282,7 +273,7 @@ fn a_short_run_learns_and_exports_a_loadable_vae() {
         .load_batch(&all, &vec![false; all.len()], &CPU)
         .unwrap();
     let posterior = vae.encode(&images).unwrap();
-    let eps = Tensor::randn(0f32, 1.0, posterior.mean.shape(), &CPU).unwrap();
+    let eps = common::randn(3, posterior.mean.dims(), DType::F32);
     let z = posterior.sample(&eps).unwrap().flatten_all().unwrap();
     let n = z.elem_count() as f64;
     let mean_z = z.mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;

@@ -116,13 +116,12 @@ fn small_unet(dtype: DType) -> SmallUNet {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, dtype, &device);
     let unet = UNet2DConditionModel::new(vb, &small_config()).unwrap();
-    let randn = |shape: &[usize]| Tensor::randn(0., 1., shape, &device).unwrap();
     SmallUNet {
         varmap,
         unet,
-        sample: randn(&[2, 4, 8, 8]).to_dtype(dtype).unwrap(),
+        sample: common::randn(1, &[2, 4, 8, 8], dtype),
         timesteps: Tensor::new(&[5f32, 900.], &device).unwrap(),
-        context: randn(&[2, 3, 12]).to_dtype(dtype).unwrap(),
+        context: common::randn(2, &[2, 3, 12], dtype),
     }
 }
 
@@ -149,7 +148,7 @@ fn largest_entry(xs: &Tensor) -> (usize, f64) {
 fn every_weight_gets_a_gradient_and_gradients_match_finite_differences() {
     // f64 so that central differences are accurate to ~1e-9.
     let small = small_unet(DType::F64);
-    let probe = Tensor::randn(0f64, 1., (2, 4, 8, 8), &Device::Cpu).unwrap();
+    let probe = common::randn(3, &[2, 4, 8, 8], DType::F64);
     let loss = || {
         let out = small
             .unet
@@ -279,7 +278,7 @@ fn per_row_timesteps_equal_running_rows_alone() {
 #[test]
 fn sizes_not_divisible_by_the_downsampling_factor_keep_their_shape() {
     let small = small_unet(DType::F32);
-    let sample = Tensor::randn(0f32, 1., (1, 4, 9, 7), &Device::Cpu).unwrap();
+    let sample = common::randn(4, &[1, 4, 9, 7], DType::F32);
     let context = small.context.narrow(0, 0, 1).unwrap();
     let timestep = Tensor::new(10f32, &Device::Cpu).unwrap();
     let out = small.unet.forward(&sample, &timestep, &context).unwrap();

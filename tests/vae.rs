@@ -12,20 +12,10 @@ use ldm::models::resnet::{
     upsample_nearest, Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D,
 };
 use ldm::models::vae::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian};
-use ldm::rng::TorchGenerator;
 
 use common::{assert_close, fixture, load_case, max_abs_diff};
 
 const CPU: Device = Device::Cpu;
-
-/// Seeded standard-normal tensor (torch's CPU generator), converted to `dtype`.
-fn randn(seed: u64, shape: &[usize], dtype: DType) -> Tensor {
-    let n = shape.iter().product();
-    Tensor::from_vec(TorchGenerator::new(seed).randn(n), shape, &CPU)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
-}
 
 fn load_pipeline_vae(pipeline: &str) -> (AutoencoderKLConfig, HashMap<String, Tensor>) {
     let dir = fixture(&format!("{pipeline}/vae"));
@@ -132,8 +122,8 @@ fn legacy_attention_names_load() {
             })
             .collect()
     };
-    let image = randn(1, &[1, cfg.in_channels, 32, 32], DType::F32);
-    let latents = randn(2, &[1, cfg.latent_channels, 8, 8], DType::F32);
+    let image = common::randn(1, &[1, cfg.in_channels, 32, 32], DType::F32);
+    let latents = common::randn(2, &[1, cfg.latent_channels, 8, 8], DType::F32);
     let expected_mean = reference.encode(&image).unwrap().mean;
     let expected_decode = reference.decode(&latents).unwrap();
     for as_conv in [false, true] {
@@ -171,8 +161,8 @@ fn closed_form_kl_matches_monte_carlo() {
     let (batch, c, h, w) = (2, 3, 4, 4);
     let samples = 20_000;
     let posterior = DiagonalGaussian {
-        mean: randn(10, &[batch, c, h, w], DType::F64),
-        logvar: (randn(11, &[batch, c, h, w], DType::F64) * 0.7).unwrap(),
+        mean: common::randn(10, &[batch, c, h, w], DType::F64),
+        logvar: (common::randn(11, &[batch, c, h, w], DType::F64) * 0.7).unwrap(),
     };
     let kl = posterior.kl().unwrap().to_vec1::<f64>().unwrap();
 
@@ -182,7 +172,7 @@ fn closed_form_kl_matches_monte_carlo() {
         mean: posterior.mean.broadcast_as(shape).unwrap(),
         logvar: posterior.logvar.broadcast_as(shape).unwrap(),
     };
-    let eps = randn(12, &[samples, batch, c, h, w], DType::F64);
+    let eps = common::randn(12, &[samples, batch, c, h, w], DType::F64);
     let z = broadcast.sample(&eps).unwrap();
     // log q(z) − log p(z) per element: −½ logσ² − ½ ε² + ½ z² (the 2π terms cancel).
     let log_ratio = ((z.sqr().unwrap() - eps.sqr().unwrap()).unwrap() - &broadcast.logvar)
@@ -291,8 +281,8 @@ fn elbo_gradients_reach_every_weight_and_match_finite_differences() {
     let cfg = tiny_config();
     let varmap = VarMap::new();
     let vae = AutoencoderKL::new(VarBuilder::from_varmap(&varmap, DType::F64, &CPU), &cfg).unwrap();
-    let image = randn(20, &[2, 3, 8, 8], DType::F64);
-    let eps = randn(21, &[2, cfg.latent_channels, 4, 4], DType::F64);
+    let image = common::randn(20, &[2, 3, 8, 8], DType::F64);
+    let eps = common::randn(21, &[2, cfg.latent_channels, 4, 4], DType::F64);
 
     let grads = elbo_loss(&vae, &image, &eps).backward().unwrap();
     let vars = varmap.data().lock().unwrap().clone();
@@ -329,8 +319,8 @@ fn elbo_gradients_reach_every_weight_and_match_finite_differences() {
 fn batch_items_are_independent() {
     let (cfg, weights) = load_pipeline_vae("tiny-sd1");
     let vae = vae_from_tensors(&cfg, weights).unwrap();
-    let images = randn(3, &[2, cfg.in_channels, 16, 16], DType::F32);
-    let latents = randn(4, &[2, cfg.latent_channels, 4, 4], DType::F32);
+    let images = common::randn(3, &[2, cfg.in_channels, 16, 16], DType::F32);
+    let latents = common::randn(4, &[2, cfg.latent_channels, 4, 4], DType::F32);
     let batched = vae.encode(&images).unwrap();
     let decoded = vae.decode(&latents).unwrap();
     for i in 0..2 {
@@ -356,7 +346,7 @@ fn vae_runs_in_f16() {
     let varmap = VarMap::new();
     let vae32 =
         AutoencoderKL::new(VarBuilder::from_varmap(&varmap, DType::F32, &CPU), &cfg).unwrap();
-    let image = randn(30, &[1, 3, 8, 8], DType::F32);
+    let image = common::randn(30, &[1, 3, 8, 8], DType::F32);
     let expected = vae32.decode(&vae32.encode(&image).unwrap().mean).unwrap();
     let dtype = DType::F16;
     {
@@ -393,8 +383,8 @@ fn resnet_block_shapes_and_time_embedding() {
     for expected in ["conv_shortcut.weight", "time_emb_proj.weight", "norm2.bias"] {
         assert!(names.contains(&format!("block.{expected}")), "{names:?}");
     }
-    let xs = randn(40, &[2, 8, 5, 7], DType::F32);
-    let temb = randn(41, &[2, 16], DType::F32);
+    let xs = common::randn(40, &[2, 8, 5, 7], DType::F32);
+    let temb = common::randn(41, &[2, 16], DType::F32);
     let out = block.forward(&xs, Some(&temb)).unwrap();
     assert_eq!(out.dims(), [2, 12, 5, 7]);
     let other_temb = block.forward(&xs, Some(&(temb + 1.0).unwrap())).unwrap();
@@ -423,7 +413,7 @@ fn resnet_block_shapes_and_time_embedding() {
 #[test]
 fn downsample_shapes_follow_diffusers_padding() {
     let vb = VarBuilder::from_varmap(&VarMap::new(), DType::F32, &CPU);
-    let xs = randn(50, &[1, 4, 5, 7], DType::F32);
+    let xs = common::randn(50, &[1, 4, 5, 7], DType::F32);
     // padding 0: pad right/bottom to 6×8, then 3×3 stride 2 → 2×3.
     let asymmetric = Downsample2D::new(vb.pp("a"), 4, 6, 0).unwrap();
     assert_eq!(asymmetric.forward(&xs).unwrap().dims(), [1, 6, 2, 3]);
@@ -436,7 +426,7 @@ fn downsample_shapes_follow_diffusers_padding() {
 fn upsample_shapes_values_and_gradient() {
     let vb = VarBuilder::from_varmap(&VarMap::new(), DType::F32, &CPU);
     let up = Upsample2D::new(vb.pp("up"), 4, 6).unwrap();
-    let xs = randn(60, &[1, 4, 5, 7], DType::F32);
+    let xs = common::randn(60, &[1, 4, 5, 7], DType::F32);
     assert_eq!(up.forward(&xs, None).unwrap().dims(), [1, 6, 10, 14]);
     assert_eq!(
         up.forward(&xs, Some((9, 13))).unwrap().dims(),

@@ -51,3 +51,13 @@ pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tol: f32) {
     eprintln!("{what}: max abs diff {diff:.3e} (tolerance {tol:.0e})");
     assert!(diff <= tol, "{what}: max abs diff {diff} > {tol}");
 }
+
+/// A seeded standard-normal tensor (torch's CPU generator stream), converted to `dtype`: tests
+/// draw no unseeded randomness, so a failure reproduces.
+pub fn randn(seed: u64, shape: &[usize], dtype: DType) -> Tensor {
+    let values = ldm::rng::TorchGenerator::new(seed).randn(shape.iter().product());
+    Tensor::from_vec(values, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
