@@ -74,14 +74,18 @@ fn malformed_lines_stop_everything_unless_keep_going() {
 #[test]
 fn a_killed_batch_resumes_without_losing_or_repeating_images() {
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("prompts.txt");
-    let prompts: Vec<String> = (0..6).map(|i| format!("a shape number {i}")).collect();
-    std::fs::write(&file, format!("# six prompts\n{}\n", prompts.join("\n"))).unwrap();
+    let write_prompts = |name: &str, count: usize| {
+        let file = dir.path().join(name);
+        let prompts: Vec<String> = (0..count).map(|i| format!("a shape number {i}")).collect();
+        std::fs::write(&file, format!("# prompts\n{}\n", prompts.join("\n"))).unwrap();
+        file
+    };
+    // A thousand prompts cannot finish before the kill, which comes once two images are
+    // recorded: the kill always lands mid-run.
+    let long_file = write_prompts("long.txt", 1000);
     let out = dir.path().join("out");
     let args = ["--steps", "12", "--seed", "5"];
-
-    // Kill the run once at least two images are recorded.
-    let mut child = ldm_batch(&file, &out, &args)
+    let mut child = ldm_batch(&long_file, &out, &args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -92,30 +96,39 @@ fn a_killed_batch_resumes_without_losing_or_repeating_images() {
             start.elapsed() < Duration::from_secs(120),
             "batch made no progress"
         );
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the batch ended before the kill"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    child.kill().ok();
+    child.kill().unwrap();
     child.wait().unwrap();
     let done_before = manifest_lines(&out);
     assert!(
-        (2..6).contains(&done_before),
-        "the kill must land mid-batch ({done_before} done)"
+        (2..1000).contains(&done_before),
+        "the kill lands mid-run ({done_before} done)"
     );
     let first_image = out.join(&pngs(&out)[0]);
     let first_bytes = std::fs::read(&first_image).unwrap();
 
+    // The same file cut after three more prompts holds the same first jobs (same positions,
+    // seeds and keys): a resume skips exactly what was recorded and makes the rest.
+    let total = done_before + 3;
+    let file = write_prompts("prompts.txt", total);
     let output = ldm_batch(&file, &out, &args).output().unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(
-        stderr(&output).contains(&format!("{} already done", done_before)),
+        stderr(&output).contains(&format!("3 image(s) generated, {done_before} already done")),
         "{}",
         stderr(&output)
     );
-    assert_eq!(pngs(&out).len(), 6, "every prompt has exactly one image");
-    assert_eq!(manifest_lines(&out), 6, "one manifest line per image");
+    assert_eq!(
+        pngs(&out).len(),
+        total,
+        "every prompt has exactly one image"
+    );
+    assert_eq!(manifest_lines(&out), total, "one manifest line per image");
     assert_eq!(
         std::fs::read(&first_image).unwrap(),
         first_bytes,
@@ -129,6 +142,7 @@ fn a_killed_batch_resumes_without_losing_or_repeating_images() {
         .unwrap()
         .status
         .success());
+    assert_eq!(pngs(&fresh), pngs(&out));
     for name in pngs(&fresh) {
         let a = image::open(out.join(&name)).unwrap().to_rgb8();
         let b = image::open(fresh.join(&name)).unwrap().to_rgb8();
