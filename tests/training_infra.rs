@@ -12,6 +12,7 @@ use ldm::training::checkpoint::{self, TrainState};
 use ldm::training::data::{epoch_flips, epoch_order, ImageFolder};
 use ldm::training::metrics::LossLog;
 use ldm::training::optim::{clip_grad_norm, warmup_lr, AdamW, AdamWConfig, Ema};
+use ldm::training::SplitMix64;
 
 const CPU: Device = Device::Cpu;
 
@@ -348,6 +349,33 @@ fn interrupted_saves_keep_the_last_checkpoint() {
     assert_eq!(names, ["checkpoint"]);
 }
 
+/// The generator behind data order, flips, crops and initial weights is the published
+/// SplitMix64 (Vigna's reference stream for seed 1234567), and named streams XOR the seed with
+/// the FNV-1a hash of the name rotated left by 17 (FNV-1a's published values for "" and "a").
+#[test]
+fn splitmix64_is_the_reference_generator() {
+    let mut rng = SplitMix64::new(1234567);
+    let stream: Vec<u64> = (0..5).map(|_| rng.next_u64()).collect();
+    assert_eq!(
+        stream,
+        [
+            6457827717110365317,
+            3203168211198807973,
+            9817491932198370423,
+            4593380528125082431,
+            16408922859458223821
+        ]
+    );
+    for (name, fnv1a) in [("", 0xcbf2_9ce4_8422_2325u64), ("a", 0xaf63_dc4c_8601_ec8c)] {
+        let seed = 99;
+        assert_eq!(
+            SplitMix64::for_stream(seed, name).next_u64(),
+            SplitMix64::new(seed ^ fnv1a.rotate_left(17)).next_u64(),
+            "stream {name:?}"
+        );
+    }
+}
+
 #[test]
 fn epoch_order_is_a_deterministic_permutation() {
     let order = epoch_order(10, 42, 0);
@@ -357,7 +385,17 @@ fn epoch_order_is_a_deterministic_permutation() {
     assert_eq!(sorted, (0..10).collect::<Vec<_>>());
     assert_ne!(order, epoch_order(10, 42, 1), "each epoch reshuffles");
     assert_ne!(order, epoch_order(10, 43, 0), "the seed matters");
-    // Pinned: a change here would make old checkpoints resume on other batches.
+    // The documented shuffle: Fisher-Yates from the end, j = (x * (i + 1)) >> 64 with x from
+    // the "epoch order {epoch}" stream.
+    let mut rng = SplitMix64::for_stream(42, "epoch order 0");
+    let mut expected: Vec<usize> = (0..10).collect();
+    for i in (1..10).rev() {
+        let j = ((rng.next_u64() as u128 * (i as u128 + 1)) >> 64) as usize;
+        expected.swap(i, j);
+    }
+    assert_eq!(order, expected);
+    // Pinned (the same shuffle transcribed to Python gives it): a change here would make old
+    // checkpoints resume on other batches.
     assert_eq!(order, [3, 2, 4, 8, 7, 9, 1, 5, 0, 6]);
     assert_eq!(epoch_flips(6, 42, 0), epoch_flips(6, 42, 0));
     let flips = epoch_flips(1000, 42, 0).iter().filter(|f| **f).count();
