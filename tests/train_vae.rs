@@ -562,7 +562,8 @@ fn cli_trains_a_vae() {
 }
 
 /// Ctrl-C (SIGINT) saves a checkpoint and exits non-zero, so a script chaining stages stops
-/// instead of going on with an unfinished VAE; `--crop` trains on windows.
+/// instead of going on with an unfinished VAE; the run trains on `--crop` windows (what a crop
+/// is: `random_crops_are_windows_of_each_image`).
 #[cfg(unix)]
 #[test]
 fn cli_ctrl_c_saves_and_fails() {
@@ -599,4 +600,54 @@ fn cli_ctrl_c_saves_and_fails() {
     assert!(stderr.contains("continue with --resume"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(out.join("checkpoint").is_dir());
+}
+
+/// `--crop` windows: each crop is a `size`×`size` window of its own image, the positions vary
+/// with the generator's stream (and between the images of a batch), the same stream gives the
+/// same crops, and a window larger than the image is an error.
+#[test]
+fn random_crops_are_windows_of_each_image() {
+    use ldm::training::data::random_crops;
+    use ldm::training::SplitMix64;
+    // Every pixel value unique, so a crop's first value tells where it was taken.
+    let (batch, channels, side, size) = (3, 2, 12, 5);
+    let count = batch * channels * side * side;
+    let images = Tensor::arange(0f32, count as f32, &CPU)
+        .unwrap()
+        .reshape((batch, channels, side, side))
+        .unwrap();
+    let mut positions = std::collections::HashSet::new();
+    for stream in 0..8 {
+        let name = format!("crops at step {stream}");
+        let crops = random_crops(&images, size, &mut SplitMix64::for_stream(1, &name)).unwrap();
+        assert_eq!(crops.dims(), [batch, channels, size, size]);
+        let again = random_crops(&images, size, &mut SplitMix64::for_stream(1, &name)).unwrap();
+        assert_eq!(common::max_abs_diff(&crops, &again), 0.0, "same stream");
+        for i in 0..batch {
+            let crop = crops.get(i).unwrap();
+            let first = crop.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as usize;
+            let within = first - i * channels * side * side;
+            let (top, left) = (within / side, within % side);
+            assert!(
+                top + size <= side && left + size <= side,
+                "crop {i} at {top},{left}"
+            );
+            let window = images
+                .get(i)
+                .unwrap()
+                .narrow(1, top, size)
+                .unwrap()
+                .narrow(2, left, size)
+                .unwrap();
+            assert_eq!(common::max_abs_diff(&crop, &window), 0.0, "crop {i}");
+            positions.insert((top, left));
+        }
+    }
+    assert!(
+        positions.len() > 10,
+        "crops land in {} places",
+        positions.len()
+    );
+    let error = random_crops(&images, side + 1, &mut SplitMix64::new(0)).unwrap_err();
+    assert!(format!("{error:#}").contains("crop size"), "{error:#}");
 }
