@@ -7,6 +7,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
 use hf_hub::api::sync::{ApiBuilder, ApiRepo};
 use hf_hub::{Cache, Repo};
 
@@ -21,11 +23,16 @@ pub const PRESETS: &[(&str, &str)] = &[
 /// Environment variable that points the default model elsewhere than `weights/`.
 pub const DEFAULT_MODEL_ENV: &str = "LDM_DEFAULT_MODEL";
 
-/// The model components a pipeline loads, with the weight file stem diffusers gives each.
+/// The weight file stem diffusers gives its models (U-Net, VAE).
+pub const DIFFUSERS_WEIGHTS: &str = "diffusion_pytorch_model";
+/// The weight file stem transformers gives its models (the text encoder).
+pub const TRANSFORMERS_WEIGHTS: &str = "model";
+
+/// The model components a pipeline loads, with the weight file stem of each.
 pub const COMPONENTS: &[(&str, &str)] = &[
-    ("unet", "diffusion_pytorch_model"),
-    ("vae", "diffusion_pytorch_model"),
-    ("text_encoder", "model"),
+    ("unet", DIFFUSERS_WEIGHTS),
+    ("vae", DIFFUSERS_WEIGHTS),
+    ("text_encoder", TRANSFORMERS_WEIGHTS),
 ];
 
 const TOKENIZER_FILES: &[&str] = &[
@@ -129,27 +136,61 @@ impl PipelineFolder {
         self.root.join(component).join("config.json")
     }
 
-    /// The component's safetensors weights: the fp16 variant when running in half precision
-    /// and present, else the full-precision file.
+    /// The component's safetensors weights (see [`weights_file`]).
     pub fn weights(&self, component: &str, half_precision: bool) -> anyhow::Result<PathBuf> {
         let stem = COMPONENTS
             .iter()
             .find(|(c, _)| *c == component)
             .map(|(_, stem)| *stem)
             .with_context(|| format!("unknown pipeline component {component}"))?;
-        let dir = self.root.join(component);
-        let fp16 = dir.join(format!("{stem}.fp16.safetensors"));
-        let full = dir.join(format!("{stem}.safetensors"));
-        if half_precision && fp16.is_file() {
-            Ok(fp16)
-        } else if full.is_file() {
-            Ok(full)
-        } else if fp16.is_file() {
-            Ok(fp16)
-        } else {
-            bail!("missing weights file {}", full.display())
-        }
+        weights_file(&self.root.join(component), stem, half_precision)
     }
+}
+
+/// A model folder's safetensors weights, `<stem>.safetensors` or its `<stem>.fp16.safetensors`
+/// variant: the fp16 one first when the weights are used in half precision, the full-precision
+/// one first otherwise; whichever exists when only one does.
+pub fn weights_file(dir: &Path, stem: &str, half_precision: bool) -> anyhow::Result<PathBuf> {
+    let fp16 = dir.join(format!("{stem}.fp16.safetensors"));
+    let full = dir.join(format!("{stem}.safetensors"));
+    let (first, second) = if half_precision {
+        (fp16, full)
+    } else {
+        (full, fp16)
+    };
+    if first.is_file() {
+        Ok(first)
+    } else if second.is_file() {
+        Ok(second)
+    } else {
+        bail!(
+            "missing weights file {}",
+            dir.join(format!("{stem}.safetensors")).display()
+        )
+    }
+}
+
+/// The component folder `component` inside `path` when `path` is a pipeline folder holding
+/// one, else `path` itself (a component folder given directly).
+pub fn component_dir(path: &Path, component: &str) -> PathBuf {
+    let inside = path.join(component);
+    if inside.is_dir() {
+        inside
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// A read-only `VarBuilder` over a memory-mapped safetensors file.
+pub fn mmap_var_builder(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<VarBuilder<'static>> {
+    // Safety: the file is memory-mapped read-only; like every safetensors reader we assume it
+    // is not modified while it is in use.
+    unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }
+        .with_context(|| format!("cannot read weights file {}", path.display()))
 }
 
 fn preset_names() -> String {
@@ -237,5 +278,23 @@ mod tests {
         assert!(!looks_like_repo_id("sd15"));
         assert!(!looks_like_repo_id("a/b/c"));
         assert!(!looks_like_repo_id("/abs"));
+    }
+
+    #[test]
+    fn weights_file_prefers_the_variant_of_the_working_precision() {
+        let dir = tempfile::tempdir().unwrap();
+        let (full, fp16) = (
+            dir.path().join("model.safetensors"),
+            dir.path().join("model.fp16.safetensors"),
+        );
+        let error = weights_file(dir.path(), "model", false).unwrap_err();
+        assert!(error.to_string().contains("model.safetensors"), "{error}");
+        std::fs::write(&fp16, b"").unwrap();
+        assert_eq!(weights_file(dir.path(), "model", false).unwrap(), fp16);
+        std::fs::write(&full, b"").unwrap();
+        assert_eq!(weights_file(dir.path(), "model", false).unwrap(), full);
+        assert_eq!(weights_file(dir.path(), "model", true).unwrap(), fp16);
+        std::fs::remove_file(&fp16).unwrap();
+        assert_eq!(weights_file(dir.path(), "model", true).unwrap(), full);
     }
 }

@@ -17,13 +17,14 @@
 //! files of OUT (checkpoints, losses, samples) are left alone; diffusers ignores them.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
 use crate::durable::{self, create_dir, remove_file_if_present, rename};
+use crate::model_source::{weights_file, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS};
 use crate::models::clip::ClipTextConfig;
 use crate::models::unet::UNet2DConditionConfig;
 use crate::tokenizer::PromptTokenizer;
@@ -36,10 +37,6 @@ pub const TOKENIZER_DIR: &str = "tokenizer";
 pub const SCHEDULER_DIR: &str = "scheduler";
 const CONFIG_FILE: &str = "config.json";
 const SCHEDULER_CONFIG_FILE: &str = "scheduler_config.json";
-/// The weight file stem diffusers gives its models (U-Net, VAE).
-const DIFFUSERS_WEIGHTS: &str = "diffusion_pytorch_model";
-/// The weight file stem transformers gives its models (the text encoder).
-const TRANSFORMERS_WEIGHTS: &str = "model";
 const TEMP_PREFIX: &str = ".export-tmp-";
 /// The diffusers release whose file formats these configs follow.
 const DIFFUSERS_FORMAT_VERSION: &str = "0.42.1";
@@ -266,13 +263,13 @@ fn write_weights(
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Copies a model folder's `config.json` and weights (`<stem>.safetensors`, else the
-/// `<stem>.fp16.safetensors` variant) to `dest`, the weights under `<stem>.safetensors`;
+/// Copies a model folder's `config.json` and weights (see [`weights_file`]; the fp16 variant
+/// first when saving in half precision) to `dest`, the weights under `<stem>.safetensors`;
 /// converted when saving in half precision.
 fn copy_model(source: &Path, dest: &Path, stem: &str, dtype: DType) -> anyhow::Result<()> {
     create_dir(dest)?;
     copy_file(&source.join(CONFIG_FILE), &dest.join(CONFIG_FILE))?;
-    let weights = model_weights(source, stem)?;
+    let weights = weights_file(source, stem, dtype != DType::F32)?;
     let target = dest.join(format!("{stem}.safetensors"));
     if dtype == DType::F32 {
         copy_file(&weights, &target)
@@ -281,28 +278,6 @@ fn copy_model(source: &Path, dest: &Path, stem: &str, dtype: DType) -> anyhow::R
             .with_context(|| format!("cannot read {}", weights.display()))?;
         write_weights(&target, &tensors, dtype)
     }
-}
-
-/// The safetensors weights of a model folder: `<stem>.safetensors`, else its fp16 variant.
-pub fn model_weights(dir: &Path, stem: &str) -> anyhow::Result<PathBuf> {
-    [
-        format!("{stem}.safetensors"),
-        format!("{stem}.fp16.safetensors"),
-    ]
-    .into_iter()
-    .map(|name| dir.join(name))
-    .find(|path| path.is_file())
-    .with_context(|| format!("{} has no {stem}.safetensors", dir.display()))
-}
-
-/// The U-Net / VAE weights file of a diffusers model folder.
-pub fn diffusers_weights(dir: &Path) -> anyhow::Result<PathBuf> {
-    model_weights(dir, DIFFUSERS_WEIGHTS)
-}
-
-/// The weights file of a transformers model folder (the text encoder).
-pub fn transformers_weights(dir: &Path) -> anyhow::Result<PathBuf> {
-    model_weights(dir, TRANSFORMERS_WEIGHTS)
 }
 
 /// Copies every file directly inside `source` (a tokenizer folder) to `dest`.

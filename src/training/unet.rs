@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use serde_json::{json, Value};
 
 use super::checkpoint::{self, TrainState};
@@ -34,7 +34,10 @@ use super::export::{self, PipelineExport, TextEncoderExport};
 use super::metrics::{self, LossLog, TrainObserver, LOSS_PLOT};
 use super::optim::{self, AdamW, AdamWConfig, Ema};
 use super::SplitMix64;
-use crate::model_source::PipelineFolder;
+use crate::model_source::{
+    component_dir, mmap_var_builder, weights_file, PipelineFolder, DIFFUSERS_WEIGHTS,
+    TRANSFORMERS_WEIGHTS,
+};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::nn::Activation;
 use crate::models::unet::{PerBlock, UNet2DConditionConfig, UNet2DConditionModel};
@@ -293,17 +296,6 @@ pub struct TrainUNetSummary {
     pub losses: Vec<(usize, f64)>,
 }
 
-/// The component folder `component` inside `path` when `path` is a pipeline folder holding
-/// one, else `path` itself.
-pub fn resolve_component(path: &Path, component: &str) -> PathBuf {
-    let inside = path.join(component);
-    if inside.is_dir() {
-        inside
-    } else {
-        path.to_path_buf()
-    }
-}
-
 /// The training loss for one batch: `latents` are scaled x₀, `noise` ε, `timesteps[i]` the
 /// timestep of row i, `conditioning` the text encoder's hidden states. Returns the mean squared
 /// error in f32, a scalar.
@@ -520,9 +512,9 @@ impl<'a> Trainer<'a> {
         super::check_training_dtype(cfg.dtype, &cfg.device)?;
         check_settings(cfg)?;
         let out = &cfg.output_dir;
-        let tokenizer_dir = resolve_component(&cfg.tokenizer, export::TOKENIZER_DIR);
+        let tokenizer_dir = component_dir(&cfg.tokenizer, export::TOKENIZER_DIR);
         let tokenizer = PromptTokenizer::from_dir(&tokenizer_dir)?;
-        let vae_dir = resolve_component(&cfg.vae, export::VAE_DIR);
+        let vae_dir = component_dir(&cfg.vae, export::VAE_DIR);
         let vae = load_frozen_vae(&vae_dir, &cfg.device)?;
         let vae_config = vae.config().clone();
         let factor = vae_config.vae_scale_factor();
@@ -887,7 +879,7 @@ fn text_encoder(
             ))
         }
         TextEncoderSetup::Pretrained(path) => {
-            let dir = resolve_component(path, export::TEXT_ENCODER_DIR);
+            let dir = component_dir(path, export::TEXT_ENCODER_DIR);
             let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
             ensure!(
                 tokenizer.max_length() <= config.max_position_embeddings,
@@ -896,7 +888,11 @@ fn text_encoder(
                 dir.display(),
                 config.max_position_embeddings
             );
-            let vb = load_frozen(&export::transformers_weights(&dir)?, cfg.dtype, &cfg.device)?;
+            let vb = mmap_var_builder(
+                &weights_file(&dir, TRANSFORMERS_WEIGHTS, cfg.dtype != DType::F32)?,
+                cfg.dtype,
+                &cfg.device,
+            )?;
             let model = ClipTextModel::new(vb, &config)
                 .with_context(|| format!("cannot load the text encoder from {}", dir.display()))?;
             Ok((TextEncoder::Frozen { model, dir }, config))
@@ -938,17 +934,13 @@ fn unet_config(
 /// The VAE of a diffusers `vae/` folder, frozen, in f32 (as pipelines upcast it).
 fn load_frozen_vae(dir: &Path, device: &Device) -> anyhow::Result<AutoencoderKL> {
     let config = AutoencoderKLConfig::from_file(&dir.join("config.json"))?;
-    let vb = load_frozen(&export::diffusers_weights(dir)?, DType::F32, device)?;
+    let vb = mmap_var_builder(
+        &weights_file(dir, DIFFUSERS_WEIGHTS, false)?,
+        DType::F32,
+        device,
+    )?;
     AutoencoderKL::new(vb, &config)
         .with_context(|| format!("cannot load the VAE from {}", dir.display()))
-}
-
-/// A read-only `VarBuilder` over a safetensors file.
-fn load_frozen(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<VarBuilder<'static>> {
-    // Safety: the file is memory-mapped read-only; like every safetensors reader we assume it
-    // is not modified while training runs.
-    unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }
-        .with_context(|| format!("cannot read weights file {}", path.display()))
 }
 
 /// The tensors named `<prefix>.<rest>`, renamed `<rest>`.

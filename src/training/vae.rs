@@ -39,6 +39,7 @@ use super::export;
 use super::metrics::{image_grid, LossLog, TrainObserver, LOSS_PLOT};
 use super::optim::{self, AdamW, AdamWConfig, Ema};
 use super::SplitMix64;
+use crate::model_source::{component_dir, weights_file, DIFFUSERS_WEIGHTS};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::rng::TorchGenerator;
 
@@ -112,7 +113,7 @@ impl VaeArchitecture {
     /// The `vae/` folder of a pretrained architecture.
     fn pretrained_dir(&self) -> Option<PathBuf> {
         match self {
-            Self::Pretrained(path) => Some(super::unet::resolve_component(path, export::VAE_DIR)),
+            Self::Pretrained(path) => Some(component_dir(path, export::VAE_DIR)),
             _ => None,
         }
     }
@@ -622,7 +623,7 @@ fn load_pretrained(
     dir: &Path,
     decoder_only: bool,
 ) -> anyhow::Result<HashMap<String, Tensor>> {
-    let path = export::diffusers_weights(dir)?;
+    let path = weights_file(dir, DIFFUSERS_WEIGHTS, false)?;
     let device = varmap
         .all_vars()
         .first()
