@@ -365,6 +365,41 @@ fn sd_schedule(prediction: PredictionTarget) -> NoiseSchedule {
     NoiseSchedule::new(&serde_json::from_value::<SchedulerConfig>(json).unwrap())
 }
 
+/// The trainer builds its f32 networks once and relies on their weights being the variables
+/// themselves: an update of the variables (in place, as AdamW and a resume make it) must change
+/// what the networks already built compute, exactly as networks built afresh would.
+#[test]
+fn networks_built_once_follow_updates_of_their_variables() {
+    let (varmap, unet, text, tokenizer) = fresh_models(6);
+    let ids = tokenizer
+        .encode_batch(&["a red circle", ""], &Device::Cpu)
+        .unwrap();
+    let sample = common::randn(1, &[2, 4, 8, 8], DType::F32);
+    let timesteps = Tensor::new(&[10f32, 900.], &Device::Cpu).unwrap();
+    let run = |unet: &UNet2DConditionModel, text: &ClipTextModel| {
+        let conditioning = text.forward(&ids).unwrap();
+        unet.forward(&sample, &timesteps, &conditioning).unwrap()
+    };
+    let before = run(&unet, &text);
+    for (i, var) in varmap.all_vars().iter().enumerate() {
+        let shift = common::randn(100 + i as u64, var.dims(), DType::F32);
+        var.set(&(var.as_tensor() + (shift * 0.01).unwrap()).unwrap())
+            .unwrap();
+    }
+    let after = run(&unet, &text);
+    assert!(max_abs_diff(&before, &after) > 1e-4, "the update is seen");
+    let vb = ldm::training::compute_var_builder(&varmap, DType::F32, &Device::Cpu);
+    let unet_config = unet.config().clone();
+    let rebuilt_unet = UNet2DConditionModel::new(vb.pp(unet::UNET_PREFIX), &unet_config).unwrap();
+    let text_config = text_sizes().config(&tokenizer);
+    let rebuilt_text = ClipTextModel::new(vb.pp(unet::TEXT_ENCODER_PREFIX), &text_config).unwrap();
+    assert_eq!(
+        max_abs_diff(&after, &run(&rebuilt_unet, &rebuilt_text)),
+        0.0,
+        "networks built before the update compute what networks built after it do"
+    );
+}
+
 #[test]
 fn every_trainable_weight_gets_a_gradient() {
     let (varmap, unet, text, tokenizer) = fresh_models(5);

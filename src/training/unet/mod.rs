@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context};
 use candle_core::{DType, Tensor};
-use candle_nn::VarMap;
+use candle_nn::{VarBuilder, VarMap};
 use serde_json::{json, Value};
 
 use super::checkpoint::{self, TrainState};
@@ -110,6 +110,33 @@ pub fn train(
     })
 }
 
+/// The trained networks, built over the run's variables.
+struct Networks {
+    unet: UNet2DConditionModel,
+    /// The text encoder when it is trained with the U-Net.
+    text_encoder: Option<ClipTextModel>,
+}
+
+impl Networks {
+    /// The networks over `vb`; their variables are created if `vb` creates them.
+    fn build(
+        vb: VarBuilder,
+        unet_config: &UNet2DConditionConfig,
+        text_encoder: &TextEncoder,
+    ) -> anyhow::Result<Self> {
+        let unet = UNet2DConditionModel::new(vb.pp(UNET_PREFIX), unet_config)
+            .context("cannot build the U-Net")?;
+        let text_encoder = match text_encoder {
+            TextEncoder::Trained { config } => Some(
+                ClipTextModel::new(vb.pp(TEXT_ENCODER_PREFIX), config)
+                    .context("cannot build the text encoder")?,
+            ),
+            TextEncoder::Frozen { .. } => None,
+        };
+        Ok(Self { unet, text_encoder })
+    }
+}
+
 /// One training run in progress.
 struct Trainer<'a> {
     cfg: &'a TrainUNetOptions,
@@ -126,6 +153,9 @@ struct Trainer<'a> {
     sample_prompts: Vec<String>,
     resolution: usize,
     varmap: VarMap,
+    /// Built once in f32, where their weights are the variables themselves and follow every
+    /// update (in place); `None` in mixed precision until a step builds them (see `networks`).
+    networks: Option<Networks>,
     optim: AdamW,
     ema: Ema,
     generator: TorchGenerator,
@@ -199,12 +229,8 @@ impl<'a> Trainer<'a> {
 
         let varmap = VarMap::new();
         let vb = super::seeded_var_builder(&varmap, cfg.seed, DType::F32, &cfg.device);
-        UNet2DConditionModel::new(vb.pp(UNET_PREFIX), &unet_config)
-            .context("cannot build the U-Net")?;
-        if let TextEncoder::Trained { config } = &text_encoder {
-            ClipTextModel::new(vb.pp(TEXT_ENCODER_PREFIX), config)
-                .context("cannot build the text encoder")?;
-        }
+        let networks = Networks::build(vb, &unet_config, &text_encoder)?;
+        let networks = (cfg.dtype == DType::F32).then_some(networks);
         let mut optim = AdamW::new(&varmap, cfg.optimizer)?;
         let mut ema = Ema::new(&varmap, cfg.ema_decay)?;
 
@@ -261,6 +287,7 @@ impl<'a> Trainer<'a> {
             sample_prompts,
             resolution,
             varmap,
+            networks,
             optim,
             ema,
             generator,
@@ -306,6 +333,17 @@ impl<'a> Trainer<'a> {
         self.exported_at = Some(self.step);
         Ok(())
     }
+
+    /// Makes sure `networks` holds this step's networks: in mixed precision their weights are
+    /// half-precision copies of the variables, so they are made again from the updated f32
+    /// master weights every step (gradients flow back through the cast).
+    fn refresh_networks(&mut self) -> anyhow::Result<()> {
+        if self.networks.is_none() || self.cfg.dtype != DType::F32 {
+            let vb = super::compute_var_builder(&self.varmap, self.cfg.dtype, &self.cfg.device);
+            self.networks = Some(Networks::build(vb, &self.unet_config, &self.text_encoder)?);
+        }
+        Ok(())
+    }
 }
 
 impl TrainingRun for Trainer<'_> {
@@ -347,16 +385,15 @@ impl TrainingRun for Trainer<'_> {
             .collect();
         let input_ids = self.tokenizer.encode_batch(&captions, device)?;
 
-        let vb = super::compute_var_builder(&self.varmap, cfg.dtype, device);
-        let conditioning = match &self.text_encoder {
-            TextEncoder::Frozen { model, .. } => model.forward(&input_ids)?,
-            TextEncoder::Trained { config } => {
-                ClipTextModel::new(vb.pp(TEXT_ENCODER_PREFIX), config)?.forward(&input_ids)?
-            }
+        self.refresh_networks()?;
+        let networks = self.networks.as_ref().expect("refreshed above");
+        let conditioning = match (&networks.text_encoder, &self.text_encoder) {
+            (Some(trained), _) => trained.forward(&input_ids)?,
+            (None, TextEncoder::Frozen { model, .. }) => model.forward(&input_ids)?,
+            (None, TextEncoder::Trained { .. }) => unreachable!("built with the networks"),
         };
-        let unet = UNet2DConditionModel::new(vb.pp(UNET_PREFIX), &self.unet_config)?;
         let loss = diffusion_loss(
-            &unet,
+            &networks.unet,
             &conditioning,
             &self.schedule,
             cfg.prediction,
