@@ -170,6 +170,30 @@ pub fn default_size(image: &RgbImage, factor: usize) -> (usize, usize) {
     (round(image.width()), round(image.height()))
 }
 
+/// Equally sized images in a grid of `columns` columns, row by row, on white with `gutter`
+/// pixels between cells (sample sheets).
+pub fn image_grid(images: &[RgbImage], columns: usize, gutter: u32) -> RgbImage {
+    let Some(first) = images.first() else {
+        return RgbImage::new(1, 1);
+    };
+    let (width, height) = first.dimensions();
+    let columns = columns.clamp(1, images.len()) as u32;
+    let rows = (images.len() as u32).div_ceil(columns);
+    let span = |cells: u32, size: u32| cells * size + (cells - 1) * gutter;
+    let mut grid = RgbImage::from_pixel(
+        span(columns, width),
+        span(rows, height),
+        image::Rgb([255, 255, 255]),
+    );
+    for (i, image) in images.iter().enumerate() {
+        let (column, row) = (i as u32 % columns, i as u32 / columns);
+        let x = column * (width + gutter);
+        let y = row * (height + gutter);
+        image::imageops::replace(&mut grid, image, x as i64, y as i64);
+    }
+    grid
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,5 +263,19 @@ mod tests {
         let images = decoded_to_images(&decoded).unwrap();
         // x/2+0.5 clamped, times 255, ties to even: 0, 0 | 128 (127.5), 191 | 255, 255
         assert_eq!(images[0].as_raw(), &vec![0, 128, 255, 0, 191, 255]);
+    }
+
+    #[test]
+    fn grid_places_images_row_by_row_with_gutters() {
+        let images: Vec<RgbImage> = (0..5)
+            .map(|i| RgbImage::from_pixel(4, 3, image::Rgb([i, 0, 0])))
+            .collect();
+        let grid = image_grid(&images, 3, 2);
+        assert_eq!(grid.dimensions(), (3 * 4 + 2 * 2, 2 * 3 + 2));
+        assert_eq!(grid.get_pixel(6, 0).0, [1, 0, 0]);
+        assert_eq!(grid.get_pixel(4, 0).0, [255, 255, 255], "gutter");
+        assert_eq!(grid.get_pixel(6, 5).0, [4, 0, 0]);
+        assert_eq!(grid.get_pixel(15, 7).0, [255, 255, 255], "empty cell");
+        assert_eq!(image_grid(&images, 0, 0).dimensions(), (4, 15));
     }
 }

@@ -519,6 +519,64 @@ fn image_folder_reads_captions_and_skips_what_it_cannot_use() {
     assert!(folder.load_batch(&[9], &[false], &CPU).is_err());
 }
 
+/// The plot of the log above (steps 1-4: "reconstruction" 1, 0.5, 1/3, 0.2 falls, "kl" 10, 20,
+/// 30, 41 rises): each column's curve in its colour, going the way its values go, a legend
+/// swatch per column, and text (tick labels, legend names) beside the plot area.
+fn check_loss_plot(image: &RgbImage) {
+    // matplotlib's first two "tab10" colours, the plot's first two series colours.
+    let (blue, orange) = (Rgb([31, 119, 180]), Rgb([255, 127, 14]));
+    // Mean row of a curve's pixels (anti-aliased: any shade of its hue) in the leftmost and
+    // rightmost columns where it appears inside the plot area (below the legend).
+    let ends = |what: &str, hue: fn(i32, i32, i32) -> bool| {
+        let points: Vec<(u32, u32)> = image
+            .enumerate_pixels()
+            .filter(|(_, y, p)| *y > 40 && hue(p.0[0].into(), p.0[1].into(), p.0[2].into()))
+            .map(|(x, y, _)| (x, y))
+            .collect();
+        assert!(points.len() > 300, "{what}: {} pixels", points.len());
+        let mean_y_at = |x: u32| {
+            let ys: Vec<f64> = points
+                .iter()
+                .filter(|p| p.0 == x)
+                .map(|p| p.1 as f64)
+                .collect();
+            ys.iter().sum::<f64>() / ys.len() as f64
+        };
+        let first = points.iter().map(|p| p.0).min().unwrap();
+        let last = points.iter().map(|p| p.0).max().unwrap();
+        assert!(last - first > 500, "{what} spans columns {first}..{last}");
+        (mean_y_at(first), mean_y_at(last))
+    };
+    let (start, end) = ends("reconstruction", |r, _, b| b - r > 60);
+    assert!(
+        end > start + 50.0,
+        "reconstruction falls: row {start} -> {end}"
+    );
+    let (start, end) = ends("kl", |r, _, b| r - b > 80);
+    assert!(end < start - 50.0, "kl rises: row {start} -> {end}");
+    for colour in [blue, orange] {
+        let swatch = image
+            .enumerate_pixels()
+            .filter(|(_, y, p)| *y < 30 && **p == colour)
+            .count();
+        assert!(
+            swatch >= 16 * 4,
+            "legend swatch of {colour:?}: {swatch} pixels"
+        );
+    }
+    // Text is dark and only stands outside the plot frame: left of it (y tick labels) and at
+    // the top (legend names).
+    let dark = |x0: u32, x1: u32, y0: u32, y1: u32| {
+        (x0..x1)
+            .flat_map(|x| (y0..y1).map(move |y| (x, y)))
+            .filter(|&(x, y)| image.get_pixel(x, y).0.iter().all(|&v| v < 110))
+            .count()
+    };
+    // Measured: 32 dark pixels for the labels "10" and "1", 186 for the two names.
+    assert!(dark(0, 60, 40, 440) > 15, "y tick labels");
+    assert!(dark(90, 400, 0, 30) > 100, "legend names");
+}
+
 #[test]
 fn loss_log_resume_drops_rows_after_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
@@ -552,14 +610,7 @@ fn loss_log_resume_drops_rows_after_the_checkpoint() {
     log.plot(&plot).unwrap();
     let image = image::open(&plot).unwrap().to_rgb8();
     assert_eq!(image.dimensions(), (800, 480));
-    let coloured = image
-        .pixels()
-        .filter(|p| p.0[0] != p.0[1] || p.0[1] != p.0[2])
-        .count();
-    assert!(
-        coloured > 100,
-        "the curves are drawn ({coloured} coloured pixels)"
-    );
+    check_loss_plot(&image);
 
     // Different columns than the file's: refused rather than mixed.
     assert!(LossLog::open(dir.path(), &["total"], Some(3)).is_err());

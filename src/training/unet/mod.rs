@@ -31,7 +31,7 @@ use super::checkpoint::{self, TrainState};
 use super::data::{self, DataCursor, ImageFolder};
 use super::driver::{self, LoopPlan, StepOutcome, TrainingRun};
 use super::export::{self, PipelineExport, TextEncoderExport};
-use super::metrics::{self, LossLog, TrainObserver, LOSS_PLOT};
+use super::metrics::{LossLog, TrainObserver, LOSS_PLOT};
 use super::optim::{self, AdamW, Ema};
 use crate::model_source::{component_dir, PipelineFolder};
 use crate::models::clip::ClipTextModel;
@@ -485,7 +485,7 @@ impl TrainingRun for Trainer<'_> {
             self.sample_prompts.join(" | ")
         );
         let columns = (generated.images.len() as f64).sqrt().ceil() as usize;
-        let grid = metrics::image_grid(&generated.images, columns, 0);
+        let grid = crate::image_io::image_grid(&generated.images, columns, 0);
         crate::image_io::save_png(&grid, &path, &description, true)?;
         observer.on_message(&format!(
             "step {}: samples in {}",

@@ -1,0 +1,121 @@
+//! `losses.csv`: one row per step, flushed as it goes, cut back to the checkpoint on resume.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+use super::LOSS_CSV;
+
+/// `out_dir/losses.csv` with header `step,<columns>`. On resume, rows after the checkpoint's
+/// step (written by the interrupted run after its last checkpoint) are dropped, so every step
+/// appears once.
+pub struct LossLog {
+    path: PathBuf,
+    columns: Vec<String>,
+    rows: Vec<(usize, Vec<f64>)>,
+    file: File,
+}
+
+impl LossLog {
+    pub fn open(
+        out_dir: &Path,
+        columns: &[&str],
+        resume_from_step: Option<usize>,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(out_dir)
+            .with_context(|| format!("cannot create {}", out_dir.display()))?;
+        let path = out_dir.join(LOSS_CSV);
+        let columns: Vec<String> = columns.iter().map(|c| c.to_string()).collect();
+        let rows = match resume_from_step {
+            Some(step) if path.exists() => read_rows(&path, &columns)?
+                .into_iter()
+                .filter(|(s, _)| *s <= step)
+                .collect(),
+            _ => Vec::new(),
+        };
+        let mut text = format!("step,{}\n", columns.join(","));
+        for (step, values) in &rows {
+            text.push_str(&csv_row(*step, values));
+        }
+        crate::durable::write_atomically(&path, text.as_bytes(), true)?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        Ok(Self {
+            path,
+            columns,
+            rows,
+            file,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// All rows so far, including those kept from before a resume.
+    pub fn rows(&self) -> &[(usize, Vec<f64>)] {
+        &self.rows
+    }
+
+    pub fn record(&mut self, step: usize, values: &[f64]) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            values.len() == self.columns.len(),
+            "{} values for {} loss columns",
+            values.len(),
+            self.columns.len()
+        );
+        self.file
+            .write_all(csv_row(step, values).as_bytes())
+            .and_then(|_| self.file.flush())
+            .with_context(|| format!("cannot write {}", self.path.display()))?;
+        self.rows.push((step, values.to_vec()));
+        Ok(())
+    }
+
+    /// Writes the loss curves as a PNG (atomically): one coloured line per column, step on x,
+    /// a log-scale y axis when every value is positive and they span more than a decade.
+    pub fn plot(&self, path: &Path) -> anyhow::Result<()> {
+        super::plot::write_plot(path, &self.columns, &self.rows)
+    }
+}
+
+fn csv_row(step: usize, values: &[f64]) -> String {
+    let values: Vec<String> = values.iter().map(|v| format!("{v:e}")).collect();
+    format!("{step},{}\n", values.join(","))
+}
+
+fn read_rows(path: &Path, columns: &[String]) -> anyhow::Result<Vec<(usize, Vec<f64>)>> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut lines = BufReader::new(file).lines();
+    let expected = format!("step,{}", columns.join(","));
+    let header = lines.next().transpose()?.unwrap_or_default();
+    anyhow::ensure!(
+        header == expected,
+        "{} has columns {header:?}, expected {expected:?}",
+        path.display()
+    );
+    let mut rows = Vec::new();
+    for (number, line) in lines.enumerate() {
+        let line = line.with_context(|| format!("cannot read {}", path.display()))?;
+        let mut fields = line.split(',');
+        let parsed = (|| {
+            let step = fields.next()?.parse().ok()?;
+            let values: Vec<f64> = fields.map(|f| f.parse().ok()).collect::<Option<_>>()?;
+            (values.len() == columns.len()).then_some((step, values))
+        })();
+        match parsed {
+            Some(row) => rows.push(row),
+            // A line cut short by a kill is only ever the last one.
+            None => eprintln!(
+                "warning: ignoring malformed line {} of {}",
+                number + 2,
+                path.display()
+            ),
+        }
+    }
+    Ok(rows)
+}
