@@ -48,24 +48,24 @@ pub struct TrainVaeArgs {
         long,
         value_delimiter = ',',
         value_name = "C,C,..",
-        default_value = "32,64"
+        default_values_t = vae::defaults::BLOCK_OUT_CHANNELS
     )]
     pub block_out_channels: Vec<usize>,
 
     /// ResNet blocks per encoder level (the decoder has one more).
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = vae::defaults::LAYERS_PER_BLOCK)]
     pub layers_per_block: usize,
 
     /// Channels of the latent.
-    #[arg(long, value_name = "N", default_value_t = 4)]
+    #[arg(long, value_name = "N", default_value_t = vae::defaults::LATENT_CHANNELS)]
     pub latent_channels: usize,
 
     /// GroupNorm groups (must divide every block's channels).
-    #[arg(long, value_name = "N", default_value_t = 32)]
+    #[arg(long, value_name = "N", default_value_t = vae::defaults::NORM_NUM_GROUPS)]
     pub norm_num_groups: usize,
 
     /// Training size: images are resized (shorter side) and center-cropped to it.
-    #[arg(long, value_name = "PX", default_value_t = 64)]
+    #[arg(long, value_name = "PX", default_value_t = vae::defaults::RESOLUTION)]
     pub resolution: usize,
 
     /// Mirror images horizontally at random (per seed and epoch).
@@ -83,34 +83,34 @@ pub struct TrainVaeArgs {
 
     /// Weight of KL(q(z|x) ‖ N(0, I)); the KL is summed over each image's latent and averaged
     /// over the batch, the reconstruction averaged over pixels.
-    #[arg(long, value_name = "W", default_value_t = 1e-6)]
+    #[arg(long, value_name = "W", default_value_t = vae::defaults::KL_WEIGHT)]
     pub kl_weight: f64,
 
     /// AdamW learning rate (after warm-up).
-    #[arg(long, value_name = "LR", default_value_t = 1e-4)]
+    #[arg(long, value_name = "LR", default_value_t = vae::defaults::LR)]
     pub lr: f64,
 
     /// Updates over which the learning rate rises linearly to --lr.
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[arg(long, value_name = "N", default_value_t = vae::defaults::WARMUP_STEPS)]
     pub warmup_steps: usize,
 
     /// AdamW's decoupled weight decay.
-    #[arg(long, value_name = "WD", default_value_t = 1e-2)]
+    #[arg(long, value_name = "WD", default_value_t = vae::defaults::WEIGHT_DECAY)]
     pub weight_decay: f64,
 
     /// Clip the global gradient norm to this (0 disables clipping).
-    #[arg(long, value_name = "NORM", default_value_t = 1.0)]
+    #[arg(long, value_name = "NORM", default_value_t = vae::defaults::MAX_GRAD_NORM)]
     pub max_grad_norm: f64,
 
-    #[arg(long, value_name = "N", default_value_t = 4)]
+    #[arg(long, value_name = "N", default_value_t = vae::defaults::BATCH_SIZE)]
     pub batch_size: usize,
 
     /// Total optimizer updates (a resumed run continues up to this).
-    #[arg(long, value_name = "N", default_value_t = 1000)]
+    #[arg(long, value_name = "N", default_value_t = vae::defaults::MAX_STEPS)]
     pub max_steps: usize,
 
     /// Seed of everything random: initial weights, data order, flips, latent noise.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = vae::defaults::SEED)]
     pub seed: u64,
 
     /// Device: cpu, cuda, cuda:N or metal. Default: the first GPU this build supports, else cpu.
@@ -250,19 +250,19 @@ pub struct TrainArgs {
     pub train_text_encoder: bool,
 
     /// Width of the new text encoder (also the U-Net's cross-attention width).
-    #[arg(long, value_name = "N", default_value_t = 64)]
+    #[arg(long, value_name = "N", default_value_t = unet::defaults::TEXT_HIDDEN_SIZE)]
     pub text_hidden_size: usize,
 
     /// Transformer layers of the new text encoder.
-    #[arg(long, value_name = "N", default_value_t = 2)]
+    #[arg(long, value_name = "N", default_value_t = unet::defaults::TEXT_LAYERS)]
     pub text_layers: usize,
 
     /// Attention heads of the new text encoder (must divide its width).
-    #[arg(long, value_name = "N", default_value_t = 4)]
+    #[arg(long, value_name = "N", default_value_t = unet::defaults::TEXT_HEADS)]
     pub text_heads: usize,
 
     /// MLP width of the new text encoder.
-    #[arg(long, value_name = "N", default_value_t = 256)]
+    #[arg(long, value_name = "N", default_value_t = unet::defaults::TEXT_INTERMEDIATE_SIZE)]
     pub text_intermediate_size: usize,
 
     /// A diffusers unet/config.json giving the U-Net's architecture (instead of the --unet-*
@@ -276,20 +276,20 @@ pub struct TrainArgs {
         long,
         value_delimiter = ',',
         value_name = "C,C,..",
-        default_value = "32,64,64"
+        default_values_t = unet::defaults::UNET_CHANNELS
     )]
     pub unet_channels: Vec<usize>,
 
     /// ResNet blocks per U-Net down level (the up levels have one more).
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = unet::defaults::UNET_LAYERS_PER_BLOCK)]
     pub unet_layers_per_block: usize,
 
     /// Heads of every U-Net attention.
-    #[arg(long, value_name = "N", default_value_t = 4)]
+    #[arg(long, value_name = "N", default_value_t = unet::defaults::UNET_ATTENTION_HEADS)]
     pub unet_attention_heads: usize,
 
     /// GroupNorm groups of the U-Net (must divide every level's channels).
-    #[arg(long, value_name = "N", default_value_t = 32)]
+    #[arg(long, value_name = "N", default_value_t = unet::defaults::UNET_NORM_GROUPS)]
     pub unet_norm_groups: usize,
 
     /// What the U-Net predicts; written into the exported scheduler config.
@@ -311,48 +311,48 @@ pub struct TrainArgs {
     pub flip: bool,
 
     /// Probability of replacing a caption with the empty prompt (for classifier-free guidance).
-    #[arg(long, value_name = "P", default_value_t = 0.1)]
+    #[arg(long, value_name = "P", default_value_t = unet::defaults::UNCOND_PROB)]
     pub uncond_prob: f64,
 
     /// AdamW learning rate (after warm-up).
-    #[arg(long, value_name = "LR", default_value_t = 2e-4)]
+    #[arg(long, value_name = "LR", default_value_t = unet::defaults::LR)]
     pub lr: f64,
 
     /// Updates over which the learning rate rises linearly to --lr.
-    #[arg(long, value_name = "N", default_value_t = 100)]
+    #[arg(long, value_name = "N", default_value_t = unet::defaults::WARMUP_STEPS)]
     pub warmup_steps: usize,
 
     /// AdamW's decoupled weight decay.
-    #[arg(long, value_name = "WD", default_value_t = 1e-2)]
+    #[arg(long, value_name = "WD", default_value_t = unet::defaults::WEIGHT_DECAY)]
     pub weight_decay: f64,
 
     /// Clip the global gradient norm to this.
-    #[arg(long, value_name = "NORM", default_value_t = 1.0)]
+    #[arg(long, value_name = "NORM", default_value_t = unet::defaults::MAX_GRAD_NORM)]
     pub max_grad_norm: f64,
 
     /// Decay of the weights' exponential moving average, which is what gets exported.
-    #[arg(long, value_name = "DECAY", default_value_t = 0.999)]
+    #[arg(long, value_name = "DECAY", default_value_t = unet::defaults::EMA_DECAY)]
     pub ema_decay: f64,
 
-    #[arg(long, value_name = "N", default_value_t = 8)]
+    #[arg(long, value_name = "N", default_value_t = unet::defaults::BATCH_SIZE)]
     pub batch_size: usize,
 
     /// Total optimizer updates (a resumed run continues up to this).
-    #[arg(long, value_name = "N", default_value_t = 2000)]
+    #[arg(long, value_name = "N", default_value_t = unet::defaults::MAX_STEPS)]
     pub max_steps: usize,
 
     /// Seed of everything random: initial weights, data order, timesteps, caption dropout,
     /// noise; also the sample seeds.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = unet::defaults::SEED)]
     pub seed: u64,
 
     /// Checkpoint and export the pipeline every N steps (0: only at the end and on Ctrl-C).
-    #[arg(long, value_name = "N", default_value_t = 500)]
+    #[arg(long, value_name = "N", default_value_t = unet::defaults::SAVE_EVERY)]
     pub save_every: usize,
 
     /// Every N steps (and at the end), export the EMA weights and save
     /// samples/step-NNNNNN.png made with the real pipeline (0: never).
-    #[arg(long, value_name = "N", default_value_t = 500)]
+    #[arg(long, value_name = "N", default_value_t = unet::defaults::SAMPLE_EVERY)]
     pub sample_every: usize,
 
     /// Sample prompts separated by '|'. Default: the first distinct captions.
@@ -360,11 +360,11 @@ pub struct TrainArgs {
     pub sample_prompts: Option<String>,
 
     /// DDIM steps of each sample.
-    #[arg(long, value_name = "N", default_value_t = 20)]
+    #[arg(long, value_name = "N", default_value_t = unet::defaults::SAMPLE_STEPS)]
     pub sample_steps: usize,
 
     /// Classifier-free guidance scale of the samples.
-    #[arg(long, value_name = "G", default_value_t = 5.0)]
+    #[arg(long, value_name = "G", default_value_t = unet::defaults::SAMPLE_GUIDANCE)]
     pub sample_guidance: f64,
 
     /// Precision of the exported weights: f16 or bf16 halve the size.
@@ -514,4 +514,45 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli<T: Args> {
+        #[command(flatten)]
+        args: T,
+    }
+
+    /// Flags left out give exactly the library's defaults.
+    #[test]
+    fn flag_defaults_are_the_library_defaults() {
+        let train = Cli::<TrainArgs>::try_parse_from([
+            "ldm",
+            "--data=d",
+            "--vae=v",
+            "--output=o",
+            "--tokenizer=t",
+            "--train-text-encoder",
+            "--device=cpu",
+        ])
+        .unwrap();
+        let defaults = TrainUNetOptions::new("d".into(), "o".into(), "v".into(), "t".into());
+        assert_eq!(
+            format!("{:?}", train.args.options().unwrap()),
+            format!("{defaults:?}")
+        );
+        let train_vae =
+            Cli::<TrainVaeArgs>::try_parse_from(["ldm", "--data=d", "--output=o", "--device=cpu"])
+                .unwrap();
+        let defaults = TrainVaeOptions::new("d".into(), "o".into());
+        assert_eq!(
+            format!("{:?}", train_vae.args.options().unwrap()),
+            format!("{defaults:?}")
+        );
+    }
 }

@@ -120,6 +120,25 @@ impl VaeArchitecture {
     }
 }
 
+/// The defaults of a `train-vae` run: `TrainVaeOptions::new` and the CLI flags both take them
+/// from here.
+pub mod defaults {
+    pub const BLOCK_OUT_CHANNELS: [usize; 2] = [32, 64];
+    pub const LAYERS_PER_BLOCK: usize = 1;
+    pub const LATENT_CHANNELS: usize = 4;
+    pub const NORM_NUM_GROUPS: usize = 32;
+    pub const RESOLUTION: usize = 64;
+    pub const KL_WEIGHT: f64 = 1e-6;
+    pub const LR: f64 = 1e-4;
+    pub const WARMUP_STEPS: usize = 0;
+    pub const WEIGHT_DECAY: f64 = 1e-2;
+    /// 0 on the command line disables clipping.
+    pub const MAX_GRAD_NORM: f64 = 1.0;
+    pub const BATCH_SIZE: usize = 4;
+    pub const MAX_STEPS: usize = 1000;
+    pub const SEED: u64 = 0;
+}
+
 #[derive(Debug, Clone)]
 pub struct TrainVaeOptions {
     pub data: PathBuf,
@@ -153,29 +172,30 @@ pub struct TrainVaeOptions {
 }
 
 impl TrainVaeOptions {
-    /// Defaults for everything but the data and output folders: the flag defaults of the CLI.
+    /// Defaults for everything but the data and output folders (see [`defaults`], which the CLI
+    /// flags share).
     pub fn new(data: PathBuf, output: PathBuf) -> Self {
         Self {
             data,
             output,
             architecture: VaeArchitecture::Sizes {
-                block_out_channels: vec![32, 64],
-                layers_per_block: 1,
-                latent_channels: 4,
-                norm_num_groups: 32,
+                block_out_channels: defaults::BLOCK_OUT_CHANNELS.to_vec(),
+                layers_per_block: defaults::LAYERS_PER_BLOCK,
+                latent_channels: defaults::LATENT_CHANNELS,
+                norm_num_groups: defaults::NORM_NUM_GROUPS,
             },
-            resolution: 64,
+            resolution: defaults::RESOLUTION,
             flip: false,
             crop: None,
             recon_loss: ReconLoss::L1,
-            kl_weight: 1e-6,
-            lr: 1e-4,
-            warmup_steps: 0,
-            weight_decay: 1e-2,
-            max_grad_norm: Some(1.0),
-            batch_size: 4,
-            max_steps: 1000,
-            seed: 0,
+            kl_weight: defaults::KL_WEIGHT,
+            lr: defaults::LR,
+            warmup_steps: defaults::WARMUP_STEPS,
+            weight_decay: defaults::WEIGHT_DECAY,
+            max_grad_norm: Some(defaults::MAX_GRAD_NORM),
+            batch_size: defaults::BATCH_SIZE,
+            max_steps: defaults::MAX_STEPS,
+            seed: defaults::SEED,
             device: Device::Cpu,
             dtype: DType::F32,
             ema_decay: None,

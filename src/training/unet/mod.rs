@@ -51,8 +51,8 @@ use latents::{standard_normal, LatentCache};
 use objective::pick_caption;
 pub use objective::{diffusion_loss, step_choices, StepChoices};
 pub use options::{
-    PredictionTarget, SampleSettings, TextEncoderSetup, TextEncoderSizes, TrainUNetOptions,
-    UNetSetup, UNetSizes,
+    defaults, PredictionTarget, SampleSettings, TextEncoderSetup, TextEncoderSizes,
+    TrainUNetOptions, UNetSetup, UNetSizes,
 };
 
 /// Variable-name prefixes of the two trained networks in the run's one `VarMap`.

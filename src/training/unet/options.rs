@@ -11,6 +11,33 @@ use crate::models::nn::Activation;
 use crate::models::unet::{PerBlock, UNet2DConditionConfig};
 use crate::tokenizer::PromptTokenizer;
 
+/// The defaults of a `train` run: `TrainUNetOptions::new` and the CLI flags both take them from
+/// here.
+pub mod defaults {
+    pub const TEXT_HIDDEN_SIZE: usize = 64;
+    pub const TEXT_LAYERS: usize = 2;
+    pub const TEXT_HEADS: usize = 4;
+    pub const TEXT_INTERMEDIATE_SIZE: usize = 256;
+    pub const UNET_CHANNELS: [usize; 3] = [32, 64, 64];
+    pub const UNET_LAYERS_PER_BLOCK: usize = 1;
+    pub const UNET_ATTENTION_HEADS: usize = 4;
+    pub const UNET_NORM_GROUPS: usize = 32;
+    pub const BATCH_SIZE: usize = 8;
+    pub const MAX_STEPS: usize = 2000;
+    pub const LR: f64 = 2e-4;
+    /// torch.optim.AdamW's.
+    pub const WEIGHT_DECAY: f64 = 1e-2;
+    pub const WARMUP_STEPS: usize = 100;
+    pub const MAX_GRAD_NORM: f64 = 1.0;
+    pub const EMA_DECAY: f64 = 0.999;
+    pub const UNCOND_PROB: f64 = 0.1;
+    pub const SEED: u64 = 0;
+    pub const SAVE_EVERY: usize = 500;
+    pub const SAMPLE_EVERY: usize = 500;
+    pub const SAMPLE_STEPS: usize = 20;
+    pub const SAMPLE_GUIDANCE: f64 = 5.0;
+}
+
 /// What the U-Net learns to predict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PredictionTarget {
@@ -186,8 +213,8 @@ pub struct TrainUNetOptions {
 }
 
 impl TrainUNetOptions {
-    /// Defaults for everything but the folders: the flag defaults of the CLI (a small U-Net and
-    /// text encoder trained from scratch, epsilon prediction, f32 on the CPU).
+    /// Defaults for everything but the folders (see [`defaults`], which the CLI flags share): a
+    /// small U-Net and text encoder trained from scratch, epsilon prediction, f32 on the CPU.
     pub fn new(data_dir: PathBuf, output_dir: PathBuf, vae: PathBuf, tokenizer: PathBuf) -> Self {
         Self {
             data_dir,
@@ -195,39 +222,40 @@ impl TrainUNetOptions {
             vae,
             tokenizer,
             text_encoder: TextEncoderSetup::Scratch(TextEncoderSizes {
-                hidden_size: 64,
-                num_layers: 2,
-                num_heads: 4,
-                intermediate_size: 256,
+                hidden_size: defaults::TEXT_HIDDEN_SIZE,
+                num_layers: defaults::TEXT_LAYERS,
+                num_heads: defaults::TEXT_HEADS,
+                intermediate_size: defaults::TEXT_INTERMEDIATE_SIZE,
                 activation: Activation::QuickGelu,
             }),
             unet: UNetSetup::Sizes(UNetSizes {
-                channels: vec![32, 64, 64],
-                layers_per_block: 1,
-                attention_heads: 4,
-                norm_num_groups: 32,
+                channels: defaults::UNET_CHANNELS.to_vec(),
+                layers_per_block: defaults::UNET_LAYERS_PER_BLOCK,
+                attention_heads: defaults::UNET_ATTENTION_HEADS,
+                norm_num_groups: defaults::UNET_NORM_GROUPS,
             }),
             prediction: PredictionTarget::Epsilon,
             zero_terminal_snr: false,
             resolution: None,
-            batch_size: 8,
-            max_steps: 2000,
+            batch_size: defaults::BATCH_SIZE,
+            max_steps: defaults::MAX_STEPS,
             optimizer: AdamWConfig {
-                lr: 2e-4,
+                lr: defaults::LR,
+                weight_decay: defaults::WEIGHT_DECAY,
                 ..AdamWConfig::default()
             },
-            warmup_steps: 100,
-            max_grad_norm: 1.0,
-            ema_decay: 0.999,
-            uncond_prob: 0.1,
+            warmup_steps: defaults::WARMUP_STEPS,
+            max_grad_norm: defaults::MAX_GRAD_NORM,
+            ema_decay: defaults::EMA_DECAY,
+            uncond_prob: defaults::UNCOND_PROB,
             random_flip: false,
-            seed: 0,
-            save_every: 500,
+            seed: defaults::SEED,
+            save_every: defaults::SAVE_EVERY,
             samples: SampleSettings {
-                every: 500,
+                every: defaults::SAMPLE_EVERY,
                 prompts: Vec::new(),
-                steps: 20,
-                guidance_scale: 5.0,
+                steps: defaults::SAMPLE_STEPS,
+                guidance_scale: defaults::SAMPLE_GUIDANCE,
             },
             save_dtype: DType::F32,
             resume: false,
