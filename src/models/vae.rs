@@ -7,7 +7,7 @@ use std::path::Path;
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::SampleSize;
 use crate::models::attention::Attention;
@@ -16,11 +16,12 @@ use crate::models::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Up
 
 /// The norms and resnets of diffusers' VAE all use this epsilon.
 const VAE_EPS: f64 = 1e-6;
-const ENCODER_BLOCK: &str = "DownEncoderBlock2D";
-const DECODER_BLOCK: &str = "UpDecoderBlock2D";
+/// The one encoder and decoder block type diffusers' AutoencoderKL has.
+pub const ENCODER_BLOCK: &str = "DownEncoderBlock2D";
+pub const DECODER_BLOCK: &str = "UpDecoderBlock2D";
 
 /// `vae/config.json`, with diffusers' field names and defaults.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct AutoencoderKLConfig {
     #[serde(default = "default_image_channels")]
     pub in_channels: usize,
@@ -91,6 +92,30 @@ fn default_scaling_factor() -> f64 {
 }
 fn default_true() -> bool {
     true
+}
+
+impl Default for AutoencoderKLConfig {
+    /// diffusers' defaults: what an empty `config.json` means.
+    fn default() -> Self {
+        Self {
+            in_channels: default_image_channels(),
+            out_channels: default_image_channels(),
+            down_block_types: default_down_block_types(),
+            up_block_types: default_up_block_types(),
+            block_out_channels: default_block_out_channels(),
+            layers_per_block: default_layers_per_block(),
+            act_fn: default_act_fn(),
+            latent_channels: default_latent_channels(),
+            norm_num_groups: default_norm_num_groups(),
+            sample_size: default_sample_size(),
+            scaling_factor: default_scaling_factor(),
+            shift_factor: None,
+            use_quant_conv: true,
+            use_post_quant_conv: true,
+            mid_block_add_attention: true,
+            force_upcast: true,
+        }
+    }
 }
 
 impl AutoencoderKLConfig {
@@ -540,5 +565,29 @@ impl SpatialSelfAttention {
         let attended = self.attention.forward(&tokens, None)?;
         let attended = attended.transpose(1, 2)?.reshape((b, c, h, w))?;
         xs + attended
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_is_an_empty_config_file_and_survives_a_round_trip() {
+        let empty: AutoencoderKLConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(AutoencoderKLConfig::default(), empty);
+        let config = AutoencoderKLConfig {
+            block_out_channels: vec![8, 16],
+            down_block_types: vec![ENCODER_BLOCK.into(); 2],
+            up_block_types: vec![DECODER_BLOCK.into(); 2],
+            shift_factor: Some(0.5),
+            ..AutoencoderKLConfig::default()
+        };
+        let json = serde_json::to_value(&config).unwrap();
+        assert_eq!(json["act_fn"], "silu");
+        assert_eq!(
+            serde_json::from_value::<AutoencoderKLConfig>(json).unwrap(),
+            config
+        );
     }
 }

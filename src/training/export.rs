@@ -27,6 +27,7 @@ use crate::durable::{self, create_dir, remove_file_if_present, rename};
 use crate::model_source::{weights_file, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS};
 use crate::models::clip::ClipTextConfig;
 use crate::models::unet::UNet2DConditionConfig;
+use crate::models::vae::AutoencoderKLConfig;
 use crate::tokenizer::PromptTokenizer;
 
 pub const MODEL_INDEX: &str = "model_index.json";
@@ -192,15 +193,25 @@ fn install(out_dir: &Path, staged: &Path) -> anyhow::Result<()> {
     durable::sync_dir(out_dir)
 }
 
-/// diffusers' `unet/config.json`: our config under diffusers' names, plus the class name.
-fn unet_config_json(config: &UNet2DConditionConfig) -> anyhow::Result<Value> {
+/// A diffusers model config as its `config.json` holds it: the fields, the model's class and
+/// the diffusers version whose format it follows.
+fn diffusers_config_json(config: &impl serde::Serialize, class: &str) -> anyhow::Result<Value> {
     let mut json = serde_json::to_value(config)?;
     let fields = json
         .as_object_mut()
-        .context("U-Net config is not an object")?;
-    fields.insert("_class_name".into(), "UNet2DConditionModel".into());
+        .with_context(|| format!("{class} config is not an object"))?;
+    fields.insert("_class_name".into(), class.into());
     fields.insert("_diffusers_version".into(), DIFFUSERS_FORMAT_VERSION.into());
     Ok(json)
+}
+
+fn unet_config_json(config: &UNet2DConditionConfig) -> anyhow::Result<Value> {
+    diffusers_config_json(config, "UNet2DConditionModel")
+}
+
+/// diffusers' `AutoencoderKL` config as `vae/config.json`.
+pub fn vae_config_json(config: &AutoencoderKLConfig) -> anyhow::Result<Value> {
+    diffusers_config_json(config, "AutoencoderKL")
 }
 
 /// transformers' `CLIPTextConfig` as `text_encoder/config.json`.

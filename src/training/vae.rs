@@ -39,9 +39,10 @@ use super::export;
 use super::metrics::{LossLog, TrainObserver, LOSS_PLOT};
 use super::optim::{self, AdamW, AdamWConfig, Ema};
 use super::SplitMix64;
+use crate::config::SampleSize;
 use crate::image_io::image_grid;
 use crate::model_source::{component_dir, weights_file, DIFFUSERS_WEIGHTS};
-use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig, DECODER_BLOCK, ENCODER_BLOCK};
 use crate::rng::TorchGenerator;
 
 /// The scaling factor is measured on at most this many training images.
@@ -76,12 +77,12 @@ pub enum VaeArchitecture {
 }
 
 impl VaeArchitecture {
-    /// The config as JSON (a file's own keys kept), `sample_size` set to the training size when
-    /// built from sizes.
-    fn config_json(&self, resolution: usize) -> anyhow::Result<Value> {
+    /// The config: read from the file, or built from the sizes with diffusers' defaults for the
+    /// rest and `sample_size` set to the training size.
+    fn config(&self, resolution: usize) -> anyhow::Result<AutoencoderKLConfig> {
         match self {
-            Self::ConfigFile(path) => crate::config::read_json(path),
-            Self::Pretrained(_) => crate::config::read_json(
+            Self::ConfigFile(path) => AutoencoderKLConfig::from_file(path),
+            Self::Pretrained(_) => AutoencoderKLConfig::from_file(
                 &self
                     .pretrained_dir()
                     .expect("pretrained")
@@ -94,19 +95,18 @@ impl VaeArchitecture {
                 norm_num_groups,
             } => {
                 let levels = block_out_channels.len();
-                Ok(json!({
-                    "_class_name": "AutoencoderKL",
-                    "in_channels": 3,
-                    "out_channels": 3,
-                    "down_block_types": vec!["DownEncoderBlock2D"; levels],
-                    "up_block_types": vec!["UpDecoderBlock2D"; levels],
-                    "block_out_channels": block_out_channels,
-                    "layers_per_block": layers_per_block,
-                    "act_fn": "silu",
-                    "latent_channels": latent_channels,
-                    "norm_num_groups": norm_num_groups,
-                    "sample_size": resolution,
-                }))
+                let config = AutoencoderKLConfig {
+                    down_block_types: vec![ENCODER_BLOCK.to_string(); levels],
+                    up_block_types: vec![DECODER_BLOCK.to_string(); levels],
+                    block_out_channels: block_out_channels.clone(),
+                    layers_per_block: *layers_per_block,
+                    latent_channels: *latent_channels,
+                    norm_num_groups: *norm_num_groups,
+                    sample_size: SampleSize::Square(resolution),
+                    ..AutoencoderKLConfig::default()
+                };
+                config.validate().context("invalid VAE configuration")?;
+                Ok(config)
             }
         }
     }
@@ -207,7 +207,7 @@ impl TrainVaeOptions {
     }
 
     /// What must not change between a run and its resumption.
-    fn identity(&self, config: &Value, images: usize) -> Value {
+    fn identity(&self, config: &AutoencoderKLConfig, images: usize) -> Value {
         json!({
             "vae_config": config,
             "seed": self.seed,
@@ -283,7 +283,6 @@ struct Run<'a> {
     opts: &'a TrainVaeOptions,
     data: ImageFolder,
     config: AutoencoderKLConfig,
-    config_json: Value,
     varmap: VarMap,
     optim: AdamW,
     ema: Option<Ema>,
@@ -364,10 +363,7 @@ impl<'a> Run<'a> {
             opts.data.display()
         ));
 
-        let config_json = opts.architecture.config_json(opts.resolution)?;
-        let config: AutoencoderKLConfig =
-            serde_json::from_value(config_json.clone()).context("invalid VAE configuration")?;
-        config.validate().context("invalid VAE configuration")?;
+        let config = opts.architecture.config(opts.resolution)?;
         let factor = config.vae_scale_factor();
         anyhow::ensure!(
             opts.resolution.is_multiple_of(factor),
@@ -406,7 +402,7 @@ impl<'a> Run<'a> {
             .ema_decay
             .map(|decay| Ema::new(&varmap, decay))
             .transpose()?;
-        let identity = opts.identity(&config_json, data.len());
+        let identity = opts.identity(&config, data.len());
         let run_state = checkpoint::start(
             &opts.output,
             opts.resume,
@@ -428,7 +424,6 @@ impl<'a> Run<'a> {
             opts,
             data,
             config,
-            config_json,
             varmap,
             optim,
             ema,
@@ -483,8 +478,10 @@ impl<'a> Run<'a> {
         } else {
             self.measure_scaling_factor(&weights)?
         };
-        let mut config = self.config_json.clone();
-        config["scaling_factor"] = json!(factor);
+        let config = AutoencoderKLConfig {
+            scaling_factor: factor,
+            ..self.config.clone()
+        };
         let dir = self.opts.output.join("vae");
         export_vae(&dir, &config, &weights)?;
         Ok((factor, dir))
@@ -677,7 +674,7 @@ fn load_pretrained(
 /// (f32), each atomically.
 pub fn export_vae(
     dir: &Path,
-    config: &Value,
+    config: &AutoencoderKLConfig,
     weights: &std::collections::HashMap<String, Tensor>,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -694,6 +691,6 @@ pub fn export_vae(
         &dir.join("diffusion_pytorch_model.safetensors"),
         &weights,
     )?;
-    let text = serde_json::to_string_pretty(config)? + "\n";
+    let text = serde_json::to_string_pretty(&export::vae_config_json(config)?)? + "\n";
     crate::durable::write_atomically(&dir.join("config.json"), text.as_bytes(), true)
 }
