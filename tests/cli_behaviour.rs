@@ -35,6 +35,11 @@ fn quick(extra: &[&str]) -> Vec<String> {
     args
 }
 
+/// The tensor `--save-latents` wrote to `path`.
+fn saved_latents(path: &str) -> candle_core::Tensor {
+    candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap()["latents"].clone()
+}
+
 fn run(args: &[String]) -> Output {
     ldm(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
@@ -106,10 +111,7 @@ fn png_records_how_it_was_made() {
 fn seeds_reproduce_and_count_up_per_image() {
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
-    let latents = |name: &str| {
-        candle_core::safetensors::load(path(name), &candle_core::Device::Cpu).unwrap()["latents"]
-            .clone()
-    };
+    let latents = |name: &str| saved_latents(&path(name));
     let pair = quick(&[
         "--seed",
         "11",
@@ -388,10 +390,7 @@ fn seeds_below_minus_one_are_refused() {
 fn num_images_run_batch_size_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
-    let latents = |name: &str| {
-        candle_core::safetensors::load(path(name), &candle_core::Device::Cpu).unwrap()["latents"]
-            .clone()
-    };
+    let latents = |name: &str| saved_latents(&path(name));
     let three = |name: &str, batch_size: &str| {
         let args = quick(&[
             "--seed",
