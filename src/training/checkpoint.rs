@@ -52,11 +52,6 @@ struct StateFile {
     ema_updates: Option<usize>,
 }
 
-/// The checkpoint folder of `out_dir`.
-pub fn checkpoint_dir(out_dir: &Path) -> PathBuf {
-    out_dir.join(CHECKPOINT_DIR)
-}
-
 /// Whether `out_dir` holds a checkpoint that `load_checkpoint` would read.
 pub fn has_checkpoint(out_dir: &Path) -> bool {
     complete_checkpoint(out_dir).is_some()

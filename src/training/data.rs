@@ -105,10 +105,6 @@ impl ImageFolder {
         self.items.is_empty()
     }
 
-    pub fn resolution(&self) -> usize {
-        self.resolution
-    }
-
     /// Items `indices` as `[B, 3, R, R]` f32 in [-1, 1] on `device`, with their first captions;
     /// `flip[i]` mirrors item `i` horizontally.
     pub fn load_batch(
@@ -139,14 +135,6 @@ impl ImageFolder {
         }
         let batch = Tensor::from_vec(values, (indices.len(), 3, r, r), &Device::Cpu)?;
         Ok((batch.to_device(device)?, captions))
-    }
-
-    /// Logs every skipped entry to stderr; returns how many there were.
-    pub fn warn_skipped(&self) -> usize {
-        for (path, reason) in &self.skipped {
-            eprintln!("warning: skipping {}: {reason}", path.display());
-        }
-        self.skipped.len()
     }
 }
 
