@@ -11,6 +11,7 @@ pub mod conditioning;
 pub mod config;
 pub mod device;
 pub mod durable;
+pub mod hex;
 pub mod image_io;
 pub mod infotext;
 pub mod kernels;

@@ -19,7 +19,6 @@
 //! Each prompt line then expands into [`Job`]s, one per image, with deterministic seeds, output
 //! names and content keys ([`job_key`]) that let an interrupted batch resume where it stopped.
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -552,12 +551,7 @@ pub fn job_key(job: &Job) -> String {
         loras: &job.loras,
     };
     let canonical = serde_json::to_vec(&fields).expect("job settings always serialise");
-    Sha256::digest(&canonical)
-        .iter()
-        .fold(String::new(), |mut hex, byte| {
-            let _ = write!(hex, "{byte:02x}");
-            hex
-        })
+    crate::hex::encode(&Sha256::digest(&canonical))
 }
 
 /// What must be equal for jobs to share one batched forward pass (prompts, negative prompts,

@@ -261,18 +261,11 @@ mod hex_bytes {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        serializer.serialize_str(&hex)
+        serializer.serialize_str(&crate::hex::encode(bytes))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
         let hex = String::deserialize(deserializer)?;
-        if hex.len() % 2 != 0 {
-            return Err(serde::de::Error::custom("odd-length hex string"));
-        }
-        (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).map_err(serde::de::Error::custom))
-            .collect()
+        crate::hex::decode(&hex).ok_or_else(|| serde::de::Error::custom("not a hex string"))
     }
 }
