@@ -996,5 +996,5 @@ fn lora_and_clip_skip_keys_apply_per_line() {
     assert_eq!(jobs[2].loras, ["cli.safetensors:1"]);
     assert_eq!(jobs[2].clip_skip, 1);
     // Different LoRA sets or clip skips never share a batched pass.
-    assert_eq!(group_for_batching(&jobs, 8).len(), 3);
+    assert_eq!(group_for_batching(&jobs, 8).unwrap().len(), 3);
 }
