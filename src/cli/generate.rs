@@ -606,7 +606,6 @@ struct PromptFileRun<'a> {
 }
 
 /// Runs a prompt file with the command line's settings as defaults.
-#[allow(clippy::too_many_arguments)]
 fn batch(
     pipeline: &StableDiffusion,
     model: &ModelArgs,
