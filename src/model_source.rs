@@ -181,16 +181,15 @@ pub fn component_dir(path: &Path, component: &str) -> PathBuf {
     }
 }
 
-/// A read-only `VarBuilder` over a memory-mapped safetensors file.
-pub fn mmap_var_builder(
+/// A read-only `VarBuilder` over a safetensors file (tensors read on demand, see `weights_file`).
+pub fn var_builder(
     path: &Path,
     dtype: DType,
     device: &Device,
 ) -> anyhow::Result<VarBuilder<'static>> {
-    // Safety: the file is memory-mapped read-only; like every safetensors reader we assume it
-    // is not modified while it is in use.
-    unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }
-        .with_context(|| format!("cannot read weights file {}", path.display()))
+    let file = crate::weights_file::WeightsFile::open(path)
+        .with_context(|| format!("cannot read weights file {}", path.display()))?;
+    Ok(file.into_var_builder(dtype, device))
 }
 
 fn preset_names() -> String {

@@ -19,13 +19,12 @@ use candle_nn::VarBuilder;
 
 use crate::conditioning::{PromptEncoder, PromptOptions};
 use crate::lora::{merge_into, Component, LoraFile, LoraSpec};
-use crate::model_source::PipelineFolder;
+use crate::model_source::{var_builder, PipelineFolder};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::schedulers::SchedulerConfig;
 use crate::tokenizer::PromptTokenizer;
-use crate::weights_file::WeightsFile;
 
 /// A loaded Stable Diffusion pipeline: tokenizer, text encoder, U-Net, VAE and the scheduler
 /// config, all read from the pipeline's own files.
@@ -89,7 +88,7 @@ impl StableDiffusion {
             .with_context(|| component_error(folder, "unet"))?;
 
         let vae_config = AutoencoderKLConfig::from_file(&folder.config("vae"))?;
-        let vb = weights(&folder.weights("vae", half)?, dtype, device)?;
+        let vb = var_builder(&folder.weights("vae", half)?, dtype, device)?;
         let vae =
             AutoencoderKL::new(vb, &vae_config).with_context(|| component_error(folder, "vae"))?;
 
@@ -162,12 +161,6 @@ impl StableDiffusion {
     }
 }
 
-fn weights(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<VarBuilder<'static>> {
-    let file = WeightsFile::open(path)
-        .with_context(|| format!("cannot read weights file {}", path.display()))?;
-    Ok(file.into_var_builder(dtype, device))
-}
-
 /// A component's weights with the LoRAs' updates for it merged in (read as they are when no
 /// LoRA touches it).
 fn lora_weights(
@@ -181,7 +174,7 @@ fn lora_weights(
         .iter()
         .any(|(file, _)| file.adapters.iter().any(|a| a.component == component));
     if !touched {
-        return weights(path, dtype, device);
+        return var_builder(path, dtype, device);
     }
     let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
         .with_context(|| format!("cannot read weights file {}", path.display()))?;

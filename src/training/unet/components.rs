@@ -11,7 +11,7 @@ use super::super::checkpoint;
 use super::super::export;
 use super::{PredictionTarget, TextEncoderSetup, TrainUNetOptions, UNetSetup};
 use crate::model_source::{
-    component_dir, mmap_var_builder, weights_file, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS,
+    component_dir, var_builder, weights_file, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS,
 };
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{PerBlock, UNet2DConditionConfig};
@@ -86,7 +86,7 @@ pub(super) fn text_encoder(
                 dir.display(),
                 config.max_position_embeddings
             );
-            let vb = mmap_var_builder(
+            let vb = var_builder(
                 &weights_file(&dir, TRANSFORMERS_WEIGHTS, cfg.dtype != DType::F32)?,
                 cfg.dtype,
                 &cfg.device,
@@ -132,7 +132,7 @@ pub(super) fn unet_config(
 /// The VAE of a diffusers `vae/` folder, frozen, in f32 (as pipelines upcast it).
 pub(super) fn load_frozen_vae(dir: &Path, device: &Device) -> anyhow::Result<AutoencoderKL> {
     let config = AutoencoderKLConfig::from_file(&dir.join("config.json"))?;
-    let vb = mmap_var_builder(
+    let vb = var_builder(
         &weights_file(dir, DIFFUSERS_WEIGHTS, false)?,
         DType::F32,
         device,
