@@ -76,7 +76,8 @@ pub struct UNet2DConditionConfig {
     pub dual_cross_attention: bool,
     pub use_linear_projection: bool,
     /// diffusers then takes the attention scores `QKᵀ` in f32 (SD 2.1 needs it in f16). Not
-    /// passed on: `Attention` always takes its softmax in f32, but `QKᵀ` in the model dtype.
+    /// passed on: ldm's attention always does (the CPU kernel computes in f32, the composed GPU
+    /// path upcasts f16 scores).
     pub upcast_attention: bool,
     pub resnet_time_scale_shift: String,
     pub time_embedding_type: String,

@@ -55,7 +55,8 @@ pub struct AutoencoderKLConfig {
     pub use_post_quant_conv: bool,
     #[serde(default = "default_true")]
     pub mid_block_add_attention: bool,
-    /// The VAE overflows in f16 at high resolutions; pipelines should run it in f32.
+    /// diffusers runs such a VAE in f32 when the pipeline is in f16 (it overflows in f16 at high
+    /// resolutions). Read but not yet acted on: ldm runs the VAE in the pipeline's dtype.
     #[serde(default = "default_true")]
     pub force_upcast: bool,
 }
