@@ -45,7 +45,7 @@ impl CustomOp2 for AddBias {
             bail!("add_bias: input must be contiguous");
         };
         let xs = &cpu_f32(xs)?[start..end];
-        let bias = super::group_norm::channel_values(bias, bias_layout, channels)?;
+        let bias = super::channel_values(bias, bias_layout, channels)?;
         let mut ys = xs.to_vec();
         if channels > 0 {
             ys.par_chunks_mut(channels)

@@ -247,7 +247,7 @@ impl CustomOp3 for Conv2dOp {
         };
         let xs = &cpu_f32(xs)?[xs_start..xs_end];
         let weight = &cpu_f32(weight)?[w_start..w_end];
-        let bias = super::group_norm::channel_values(bias, bias_layout, g.c_out)?;
+        let bias = super::channel_values(bias, bias_layout, g.c_out)?;
         let (image_len, out_len) = (g.c_in * g.h * g.w, g.c_out * g.out_pixels());
         let mut out = vec![0f32; g.batch * out_len];
         let tiles: Vec<(usize, usize, usize)> = (0..g.batch)

@@ -105,8 +105,8 @@ impl CustomOp3 for GroupNormOp {
             bail!("group norm: input must be contiguous");
         };
         let xs = &cpu_f32(xs)?[start..end];
-        let weight = channel_values(weight, weight_layout, channels)?;
-        let bias = channel_values(bias, bias_layout, channels)?;
+        let weight = super::channel_values(weight, weight_layout, channels)?;
+        let bias = super::channel_values(bias, bias_layout, channels)?;
         let per_group = channels / self.groups * spatial;
         let mut ys = vec![0f32; xs.len()];
         if per_group > 0 {
@@ -201,17 +201,5 @@ impl CustomOp3 for GroupNormOp {
             Some(per_channel(dweight)?),
             Some(per_channel(dbias)?),
         ))
-    }
-}
-
-/// A `[channels]` parameter as a slice (contiguous, as candle stores parameters).
-pub(super) fn channel_values<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    channels: usize,
-) -> Result<&'a [f32]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) if end - start == channels => Ok(&cpu_f32(storage)?[start..end]),
-        _ => bail!("norm parameters must be contiguous vectors of {channels} values"),
     }
 }

@@ -66,8 +66,8 @@ impl CustomOp3 for LayerNormOp {
             bail!("layer norm: input must be contiguous");
         };
         let xs = &cpu_f32(xs)?[start..end];
-        let weight = super::group_norm::channel_values(weight, weight_layout, dim)?;
-        let bias = super::group_norm::channel_values(bias, bias_layout, dim)?;
+        let weight = super::channel_values(weight, weight_layout, dim)?;
+        let bias = super::channel_values(bias, bias_layout, dim)?;
         let mut ys = vec![0f32; xs.len()];
         if dim > 0 {
             ys.par_chunks_mut(dim)

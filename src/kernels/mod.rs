@@ -25,7 +25,7 @@ pub use group_norm::{group_norm, group_norm_composed};
 pub use layer_norm::{layer_norm, layer_norm_composed};
 pub use softmax::{softmax_last_dim, softmax_last_dim_composed};
 
-use candle_core::{bail, CpuStorage, DType, Result, Storage, Tensor};
+use candle_core::{bail, CpuStorage, DType, Layout, Result, Storage, Tensor};
 
 /// Whether `xs` runs through the CPU kernels: CPU tensors in f32, f16 or bf16 (half
 /// precision is computed in f32). f64 stays on the composed path, which is exact.
@@ -44,6 +44,18 @@ fn storage_f32(storage: &Storage) -> Result<&[f32]> {
     match storage {
         Storage::Cpu(storage) => cpu_f32(storage),
         _ => bail!("ldm kernel: expected a CPU tensor"),
+    }
+}
+
+/// A `[channels]` parameter as a slice (contiguous, as candle stores parameters).
+fn channel_values<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    channels: usize,
+) -> Result<&'a [f32]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) if end - start == channels => Ok(&cpu_f32(storage)?[start..end]),
+        _ => bail!("norm parameters must be contiguous vectors of {channels} values"),
     }
 }
 
