@@ -343,7 +343,7 @@ def run_ldm(args, model: Path, n: int, size: tuple[int, int], out_dir: Path) -> 
         "--guidance-scale", str(args.guidance),
         "--seed", str(args.seed),
         "-W", str(size[0]), "-H", str(size[1]),
-        "--device", "cpu", "--dtype", "f32",
+        "--device", "cpu", "--dtype", args.dtype,
         "-N", str(n),
         "--save-latents", str(latents),
         "-o", str(out_dir / "ldm.png"),
@@ -371,6 +371,7 @@ def run_diffusers(args, model: Path, n: int, size: tuple[int, int], out_dir: Pat
         "model": str(model), "prompt": args.prompt, "negative_prompt": args.negative_prompt,
         "steps": args.steps, "guidance": args.guidance, "seed": args.seed, "n": n,
         "width": size[0], "height": size[1], "threads": args.threads, "out_dir": str(out_dir),
+        "dtype": args.dtype,
     }
     cmd = [sys.executable, str(Path(__file__).resolve()), "--diffusers-worker", json.dumps(spec)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
@@ -402,7 +403,8 @@ def diffusers_worker(spec: dict) -> None:
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
 
     pipe = StableDiffusionPipeline.from_pretrained(
-        spec["model"], torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+        spec["model"], torch_dtype={"f32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]],
+        safety_checker=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
     t_loaded = time.perf_counter()
@@ -435,7 +437,7 @@ def diffusers_worker(spec: dict) -> None:
         pngs.append(str(path))
     t_done = time.perf_counter()
     usage1 = resource.getrusage(resource.RUSAGE_SELF)
-    save_file({"latents": final["latents"].contiguous()}, str(out / "latents.safetensors"))
+    save_file({"latents": final["latents"].float().contiguous()}, str(out / "latents.safetensors"))
 
     steps = spec["steps"]
     report = {
@@ -465,10 +467,10 @@ def diffusers_worker(spec: dict) -> None:
 def compare(ldm: dict, ref: dict) -> dict:
     import numpy as np
     from PIL import Image
-    from safetensors.numpy import load_file
+    from safetensors.torch import load_file  # reads bf16 too, which numpy cannot
 
-    a = load_file(ldm["latents"])["latents"].astype(np.float64)
-    b = load_file(ref["latents"])["latents"].astype(np.float64)
+    a = load_file(ldm["latents"])["latents"].double().numpy()
+    b = load_file(ref["latents"])["latents"].double().numpy()
     if a.shape != b.shape:
         return {"ok": False, "why": f"latent shapes {a.shape} vs {b.shape}"}
     latent_diff = float(np.abs(a - b).max())
@@ -562,7 +564,7 @@ def render(results, info, args, model_desc, size, loads, params) -> str:
     lines.append(
         f"Model: {model_desc}; params unet {params['unet'] / 1e6:.1f}M, vae {params['vae'] / 1e6:.1f}M, "
         f"text encoder {params['text_encoder'] / 1e6:.1f}M. {size[0]}x{size[1]}, DDIM {args.steps} steps, "
-        f"guidance {args.guidance} (batch 2n through the U-Net), seed {args.seed}, f32, "
+        f"guidance {args.guidance} (batch 2n through the U-Net), seed {args.seed}, {args.dtype}, "
         f"{args.threads} threads each (torch.set_num_threads / RAYON_NUM_THREADS); best of {args.repeat}."
     )
     lines.append("")
@@ -662,6 +664,9 @@ def main() -> None:
     ap.add_argument("--prompt", default="a photo of an astronaut riding a horse on the moon")
     ap.add_argument("--negative-prompt", default="")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
+                    help="weights and activations on both sides (bf16: both round differently, so "
+                         "raise --max-pixel-diff)")
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--size", type=int, help="width = height in pixels (default: the model's native size)")
