@@ -15,6 +15,8 @@ pub struct GenerationInfo {
     pub steps: usize,
     /// The sampler's display name, as A1111 spells it ("DDIM", "DDPM", ...).
     pub sampler: String,
+    /// A1111's "Schedule type" ("Karras") when the sampler's sigmas are not the default ones.
+    pub schedule_type: Option<String>,
     pub cfg_scale: f64,
     /// diffusers' guidance rescale, recorded when guidance ran and it is not 0.
     pub guidance_rescale: Option<f64>,
@@ -36,11 +38,16 @@ impl GenerationInfo {
         let mut params = vec![
             ("Steps", self.steps.to_string()),
             ("Sampler", self.sampler.clone()),
+        ];
+        if let Some(schedule) = &self.schedule_type {
+            params.push(("Schedule type", schedule.clone()));
+        }
+        params.extend([
             ("CFG scale", python_float(self.cfg_scale)),
             ("Seed", self.seed.to_string()),
             ("Size", format!("{}x{}", self.width, self.height)),
             ("Model", self.model.clone()),
-        ];
+        ]);
         if let Some(strength) = self.denoising_strength {
             params.push(("Denoising strength", python_float(strength)));
         }
@@ -100,6 +107,7 @@ mod tests {
             negative_prompt: String::new(),
             steps: 50,
             sampler: "DDIM".into(),
+            schedule_type: None,
             cfg_scale: 7.0,
             guidance_rescale: None,
             seed: 42,
@@ -132,11 +140,16 @@ mod tests {
         info.cfg_scale = 7.5;
         info.guidance_rescale = Some(0.7);
         info.clip_skip = Some(2);
+        info.sampler = "DPM++ 2M".into();
+        info.schedule_type = Some("Karras".into());
         let text = info.to_infotext();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "a red apple");
         assert_eq!(lines[1], "Negative prompt: blurry, low quality");
-        assert!(lines[2].contains("CFG scale: 7.5, "), "{text}");
+        assert!(
+            lines[2].contains("Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, "),
+            "{text}"
+        );
         assert!(lines[2].contains("Model: \"org/model:v1\""), "{text}");
         assert!(
             lines[2].contains(

@@ -3,7 +3,7 @@
 //! The tree mirrors the latent diffusion model: `models` holds the three networks (CLIP text
 //! encoder, VAE, U-Net), `schedulers` the samplers, `pipelines` the generation modes that share
 //! one denoising loop, `rng` the PyTorch-compatible noise source, `image_io` the PNG side,
-//! `durable` the kill-safe writes behind every output, `model_source` where a pipeline's files come from, and `cli` the thin command-line layer.
+//! `durable` the kill-safe writes behind every output, `model_source` where a pipeline's files come from, `serve` the HTTP server, and `cli` the thin command-line layer.
 
 pub mod batch_manifest;
 pub mod cli;
@@ -22,6 +22,7 @@ pub mod pipelines;
 pub mod prompt_file;
 pub mod rng;
 pub mod schedulers;
+pub mod serve;
 pub mod tokenizer;
 pub mod training;
 pub mod weights_file;

@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -40,15 +40,20 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// The pipeline with `loras` merged in.
     pub fn load(&self, loras: &[LoraSpec]) -> anyhow::Result<StableDiffusion> {
+        let (device, dtype) = self.device_and_dtype()?;
+        let folder = PipelineFolder::resolve(self.model.as_deref(), dtype != DType::F32)?;
+        StableDiffusion::load_with_loras(&folder, &device, dtype, loras)
+            .with_context(|| format!("cannot load model {}", folder.root.display()))
+    }
+
+    /// The device opened, and the precision to run in on it.
+    pub fn device_and_dtype(&self) -> anyhow::Result<(candle_core::Device, DType)> {
         let device_spec = self.device.unwrap_or_else(default_device);
-        let device = device_spec.open()?;
         let precision = self.dtype.unwrap_or(match device_spec {
             DeviceSpec::Cpu => Precision::F32,
             _ => Precision::F16,
         });
-        let folder = PipelineFolder::resolve(self.model.as_deref(), precision != Precision::F32)?;
-        StableDiffusion::load_with_loras(&folder, &device, precision.dtype(), loras)
-            .with_context(|| format!("cannot load model {}", folder.root.display()))
+        Ok((device_spec.open()?, precision.dtype()))
     }
 }
 

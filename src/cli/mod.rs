@@ -3,6 +3,7 @@
 mod conditioning;
 mod generate;
 mod lora;
+mod serve;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +30,8 @@ pub enum Command {
     TrainVae(train::TrainVaeArgs),
     /// Train a text-conditioned latent U-Net on captioned images; export a diffusers pipeline.
     Train(train::TrainArgs),
+    /// Serve the A1111 and OpenAI image APIs and a web page, with the model loaded once.
+    Serve(serve::ServeArgs),
 }
 
 /// Parses the command line and runs it.
@@ -41,5 +44,6 @@ pub fn run() -> anyhow::Result<()> {
         Command::Batch(args) => generate::batch_command(args),
         Command::TrainVae(args) => train::train_vae(args),
         Command::Train(args) => train::train(args),
+        Command::Serve(args) => serve::serve(args),
     }
 }

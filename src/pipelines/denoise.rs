@@ -1,5 +1,7 @@
 //! The one denoising loop that every generation mode runs.
 
+use std::ops::ControlFlow;
+
 use candle_core::Tensor;
 
 use super::StableDiffusion;
@@ -37,14 +39,15 @@ pub enum InpaintGuide {
 impl StableDiffusion {
     /// Runs `scheduler` from `spec.start_step` to the end, starting from `latents`, with
     /// classifier-free guidance when the embeddings carry an unconditional half.
-    /// `on_step(done, total)` reports progress.
+    /// `on_step(done, total)` reports progress; when it breaks, the loop stops there and the
+    /// latents reached so far are returned (a server's interrupt).
     pub fn denoise(
         &self,
         mut latents: Tensor,
         scheduler: &mut dyn Scheduler,
         spec: &DenoiseSpec,
         noise: &mut dyn NoiseSource,
-        on_step: &mut dyn FnMut(usize, usize),
+        on_step: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
     ) -> anyhow::Result<Tensor> {
         let guided = spec.text_embeddings.dim(0)? == 2 * latents.dim(0)?;
         let duplicate = |t: &Tensor| -> candle_core::Result<Tensor> {
@@ -101,7 +104,9 @@ impl StableDiffusion {
                 };
                 latents = ((1.0 - mask)?.broadcast_mul(&known)? + mask.broadcast_mul(&latents)?)?;
             }
-            on_step(done + 1, total);
+            if on_step(done + 1, total).is_break() {
+                break;
+            }
         }
         Ok(latents)
     }

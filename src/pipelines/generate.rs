@@ -5,6 +5,8 @@
 //! generator: the VAE posterior sample of the source image, then the initial noise, then the
 //! masked image's posterior sample (inpainting), then whatever the sampler draws per step.
 
+use std::ops::ControlFlow;
+
 use anyhow::{bail, ensure};
 use candle_core::{DType, Tensor};
 use image::RgbImage;
@@ -152,6 +154,21 @@ impl StableDiffusion {
         prompts: &PromptOptions,
         jobs: &[ImageJob],
         on_step: &mut dyn FnMut(usize, usize),
+    ) -> anyhow::Result<Generated> {
+        self.generate_until(sampling, prompts, jobs, &mut |done, total| {
+            on_step(done, total);
+            ControlFlow::Continue(())
+        })
+    }
+
+    /// [`Self::generate_with`] that `on_step` can stop early: the latents reached by then are
+    /// decoded (as A1111 does when a job is interrupted).
+    pub fn generate_until(
+        &self,
+        sampling: &Sampling,
+        prompts: &PromptOptions,
+        jobs: &[ImageJob],
+        on_step: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
     ) -> anyhow::Result<Generated> {
         self.validate(sampling, jobs)?;
         let mut scheduler = schedulers::build(
@@ -341,6 +358,9 @@ impl StableDiffusion {
             negative_prompt: job.negative_prompt.clone(),
             steps: sampling.steps,
             sampler: sampling.sampler.display_name().to_string(),
+            schedule_type: (sampling.sampler.uses_sigmas()
+                && self.scheduler_config.sigma_sampler.use_karras_sigmas)
+                .then(|| "Karras".to_string()),
             cfg_scale: sampling.guidance_scale,
             guidance_rescale: (sampling.guidance_scale > 1.0).then_some(sampling.guidance_rescale),
             seed: job.seed,

@@ -113,6 +113,11 @@ impl SamplerKind {
             Self::DpmPp2mSde => "DPM++ 2M SDE",
         }
     }
+
+    /// Whether the sampler steps along sigmas, where the config's Karras spacing applies.
+    pub fn uses_sigmas(self) -> bool {
+        !matches!(self, Self::Ddim | Self::Ddpm)
+    }
 }
 
 /// The command-line spelling ("ddim", ...).

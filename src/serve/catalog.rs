@@ -1,0 +1,87 @@
+//! The models a server can switch between: the one it starts with (`--model`, else the default
+//! model) and every diffusers pipeline folder found in `--models-dir`.
+
+use std::path::Path;
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+
+use crate::lora::LoraSpec;
+use crate::model_source::PipelineFolder;
+use crate::pipelines::StableDiffusion;
+
+/// Every model a server may load, and how to load one.
+pub struct Catalog {
+    folders: Vec<PipelineFolder>,
+    device: Device,
+    dtype: DType,
+    /// Merged into every model loaded (`--lora`).
+    loras: Vec<LoraSpec>,
+}
+
+impl Catalog {
+    /// `model` (as `--model` takes it; `None` is the default model) first, then the pipeline
+    /// folders directly inside `models_dir`, by name; each loads with `loras` merged in.
+    pub fn new(
+        model: Option<&str>,
+        models_dir: Option<&Path>,
+        device: Device,
+        dtype: DType,
+        loras: Vec<LoraSpec>,
+    ) -> anyhow::Result<Self> {
+        let half = dtype != DType::F32;
+        let mut folders = vec![PipelineFolder::resolve(model, half)?];
+        if let Some(dir) = models_dir {
+            let mut found = Vec::new();
+            let entries = std::fs::read_dir(dir)
+                .with_context(|| format!("cannot list --models-dir {}", dir.display()))?;
+            for entry in entries {
+                let path = entry
+                    .with_context(|| format!("cannot list --models-dir {}", dir.display()))?
+                    .path();
+                if path.join("model_index.json").is_file() {
+                    found.push(PipelineFolder::resolve(path.to_str(), half)?);
+                }
+            }
+            found.sort_by(|a, b| a.name.cmp(&b.name));
+            for folder in found {
+                if folders.iter().all(|known| known.name != folder.name) {
+                    folders.push(folder);
+                }
+            }
+        }
+        Ok(Self {
+            folders,
+            device,
+            dtype,
+            loras,
+        })
+    }
+
+    /// The model the server starts with.
+    pub fn initial(&self) -> &PipelineFolder {
+        &self.folders[0]
+    }
+
+    pub fn folders(&self) -> &[PipelineFolder] {
+        &self.folders
+    }
+
+    pub fn find(&self, name: &str) -> Option<&PipelineFolder> {
+        self.folders.iter().find(|folder| folder.name == name)
+    }
+
+    /// The names, for error messages.
+    pub fn names(&self) -> String {
+        self.folders
+            .iter()
+            .map(|folder| folder.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    pub fn load(&self, folder: &PipelineFolder) -> anyhow::Result<StableDiffusion> {
+        StableDiffusion::load_with_loras(folder, &self.device, self.dtype, &self.loras)
+            .with_context(|| format!("cannot load model {}", folder.root.display()))
+    }
+}
