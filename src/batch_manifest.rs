@@ -3,6 +3,8 @@
 //! One JSON line per image with every setting of its [`Job`], its [`job_key`] and its file name.
 //! The file is rewritten atomically after each image (temporary file, fsync, rename), so a crash
 //! leaves either the old or the new record, and re-running the same batch skips what is done.
+//! Workers sharing a folder (`ldm batch --shard`) each write their own `manifest*.jsonl`; every
+//! run reads them all to know what is done, and writes only its own.
 
 use std::path::{Path, PathBuf};
 
@@ -43,7 +45,11 @@ impl ManifestEntry {
 #[derive(Debug)]
 pub struct Manifest {
     out_dir: PathBuf,
+    /// This run's manifest file name.
+    file: String,
     entries: Vec<ManifestEntry>,
+    /// What the folder's other manifests (other shards') record.
+    others: Vec<ManifestEntry>,
 }
 
 impl Manifest {
@@ -51,11 +57,19 @@ impl Manifest {
     /// nothing done). A last line cut short by a crash is dropped and the file rewritten clean;
     /// a bad line anywhere else is an error naming it, since dropping it would lose a record.
     pub fn open(out_dir: &Path) -> anyhow::Result<Self> {
+        Self::open_as(out_dir, MANIFEST_FILE)
+    }
+
+    /// [`Manifest::open`] with `file` as this run's own manifest; the folder's other
+    /// `manifest*.jsonl` files count as done too, and are only read.
+    pub fn open_as(out_dir: &Path, file: &str) -> anyhow::Result<Self> {
         std::fs::create_dir_all(out_dir)
             .with_context(|| format!("cannot create output folder {}", out_dir.display()))?;
         let mut manifest = Self {
             out_dir: out_dir.to_path_buf(),
+            file: file.to_string(),
             entries: Vec::new(),
+            others: other_manifests(out_dir, file)?,
         };
         let path = manifest.path();
         let text = match std::fs::read_to_string(&path) {
@@ -88,9 +102,9 @@ impl Manifest {
         Ok(manifest)
     }
 
-    /// `out_dir/manifest.jsonl`.
+    /// `out_dir/manifest.jsonl` (or this shard's manifest).
     pub fn path(&self) -> PathBuf {
-        self.out_dir.join(MANIFEST_FILE)
+        self.out_dir.join(&self.file)
     }
 
     pub fn entries(&self) -> &[ManifestEntry] {
@@ -101,6 +115,7 @@ impl Manifest {
     pub fn is_done(&self, job_key: &str) -> bool {
         self.entries
             .iter()
+            .chain(&self.others)
             .any(|entry| entry.job_key == job_key && self.out_dir.join(&entry.file).is_file())
     }
 
@@ -126,4 +141,30 @@ impl Manifest {
         }
         crate::durable::write_atomically(&self.path(), &bytes, true)
     }
+}
+
+/// The entries of every `manifest*.jsonl` in `out_dir` but `own`. They are written by atomic
+/// renames, so a line that does not parse is skipped rather than fatal: its image is made again.
+fn other_manifests(out_dir: &Path, own: &str) -> anyhow::Result<Vec<ManifestEntry>> {
+    let listing =
+        std::fs::read_dir(out_dir).with_context(|| format!("cannot list {}", out_dir.display()))?;
+    let mut entries = Vec::new();
+    for item in listing {
+        let name = item
+            .with_context(|| format!("cannot list {}", out_dir.display()))?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        if name == own || !(name.starts_with("manifest") && name.ends_with(".jsonl")) {
+            continue;
+        }
+        let path = out_dir.join(&name);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        entries.extend(
+            text.lines()
+                .filter_map(|line| serde_json::from_str(line).ok()),
+        );
+    }
+    Ok(entries)
 }

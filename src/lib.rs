@@ -23,6 +23,7 @@ pub mod prompt_file;
 pub mod rng;
 pub mod schedulers;
 pub mod serve;
+pub mod shard;
 pub mod tokenizer;
 pub mod training;
 pub mod weights_file;

@@ -16,6 +16,7 @@ use crate::model_source::PipelineFolder;
 use crate::pipelines::{Generated, ImageJob, Sampling, SourceImage, StableDiffusion};
 use crate::prompt_file::{self, JobDefaults};
 use crate::schedulers::SamplerKind;
+use crate::shard::Shard;
 
 /// Model, device and precision: how a pipeline is loaded.
 #[derive(Debug, Args)]
@@ -327,6 +328,16 @@ pub struct BatchRunArgs {
     /// Skip malformed prompt-file lines (with a warning) instead of refusing to start.
     #[arg(long)]
     pub keep_going: bool,
+
+    /// Make only share I (from 0) of N of the file's images, so N workers on one output folder
+    /// make each image once. Default: SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT when set.
+    #[arg(long, value_name = "I/N", value_parser = Shard::parse)]
+    pub shard: Option<Shard>,
+
+    /// The number of shards, with the shard index from JOB_COMPLETION_INDEX (a Kubernetes
+    /// indexed Job).
+    #[arg(long, value_name = "N")]
+    pub shard_count: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -644,6 +655,20 @@ fn batch(
     let entries = parsed.into_entries(file, args.keep_going)?;
     let mut jobs = prompt_file::expand_jobs(&entries, &defaults);
     add_prompt_loras(&mut jobs, &model.lora)?;
+    let shard = Shard::resolve(args.shard, args.shard_count, |name| {
+        std::env::var(name).ok()
+    })?;
+    let manifest_file = match shard {
+        Some((shard, source)) => {
+            jobs = shard.select(&jobs, args.batch_size)?;
+            eprintln!(
+                "shard {shard} (from {source}): {} image(s) of this file",
+                jobs.len()
+            );
+            shard.manifest_file()
+        }
+        None => crate::batch_manifest::MANIFEST_FILE.to_string(),
+    };
     std::fs::create_dir_all(&args.output_dir)
         .with_context(|| format!("cannot create {}", args.output_dir.display()))?;
     let bar = progress_bar(quiet, jobs.len() as u64);
@@ -661,6 +686,7 @@ fn batch(
         let summary = pipe.run_batch(
             &group,
             &args.output_dir,
+            &manifest_file,
             args.batch_size,
             syntax,
             &mut |path| {

@@ -20,12 +20,14 @@ pub struct BatchSummary {
 
 impl StableDiffusion {
     /// Makes every job's image in `out_dir`, `batch_size` images per forward pass at most,
-    /// reading prompts with A1111 syntax when `prompt_syntax` is on. All jobs are checked
+    /// reading prompts with A1111 syntax when `prompt_syntax` is on, and recording them in
+    /// `out_dir/manifest_file` (other manifests there count as done too). All jobs are checked
     /// before any work starts. `on_image(path)` reports each saved image.
     pub fn run_batch(
         &self,
         jobs: &[Job],
         out_dir: &Path,
+        manifest_file: &str,
         batch_size: usize,
         prompt_syntax: bool,
         on_image: &mut dyn FnMut(&Path),
@@ -38,7 +40,7 @@ impl StableDiffusion {
                 .and_then(|()| self.check_prompt(&job.negative_prompt, &options))
                 .with_context(|| format!("prompt file line {}", job.line))?;
         }
-        let mut manifest = Manifest::open(out_dir)?;
+        let mut manifest = Manifest::open_as(out_dir, manifest_file)?;
         let pending: Vec<&Job> = jobs
             .iter()
             .filter(|job| !manifest.is_done(&job_key(job)))
