@@ -395,7 +395,7 @@ fn progress_health_and_interrupt_during_a_job() {
     let url = server.url("/sdapi/v1/txt2img");
     let long_job = std::thread::spawn(move || {
         let started = Instant::now();
-        let body = json!({"prompt": "a cat", "seed": 2, "steps": 1000, "sampler_name": "DDIM"});
+        let body = json!({"prompt": "a cat", "seed": 2, "steps": 1000, "sampler_name": "DDIM", "width": 256, "height": 256});
         let response = ureq::post(&url).send_json(&body).unwrap();
         (response.into_json::<Value>().unwrap(), started.elapsed())
     });
@@ -427,7 +427,7 @@ fn progress_health_and_interrupt_during_a_job() {
         1,
         "the partial image comes back"
     );
-    // 1000 steps take ~50 s here; interrupted, the job ends long before.
+    // 1000 steps at 256x256 take minutes here; interrupted, the job ends long before.
     assert!(took < Duration::from_secs(30), "took {took:?}");
     let (_, idle) = server.get_json("/sdapi/v1/progress");
     assert_eq!(idle["state"]["job"], json!(""));
@@ -455,7 +455,7 @@ fn wait_for_steps(server: &TestServer, steps: u64) -> Value {
 #[ignore = "helper process for a_killed_client_does_not_hurt_the_server"]
 fn client_process_that_gets_killed() {
     let url = std::env::var("LDM_SERVE_TEST_URL").expect("run by the killed-client test");
-    let body = json!({"prompt": "a cat", "steps": 1000, "sampler_name": "DDIM"});
+    let body = json!({"prompt": "a cat", "steps": 1000, "sampler_name": "DDIM", "width": 256, "height": 256});
     let _ = ureq::post(&url).send_json(&body);
 }
 
@@ -524,7 +524,7 @@ fn api_key_and_full_queue() {
     assert_eq!(status, 200, "health checks need no key");
 
     // One job runs, one waits (--max-queue 1): the next is refused with 429.
-    let body = json!({"prompt": "a cat", "steps": 1000, "sampler_name": "DDIM"});
+    let body = json!({"prompt": "a cat", "steps": 1000, "sampler_name": "DDIM", "width": 256, "height": 256});
     let spawn = |body: Value| {
         let url = server.url("/sdapi/v1/txt2img");
         std::thread::spawn(move || {

@@ -40,7 +40,10 @@ impl Catalog {
                     .with_context(|| format!("cannot list --models-dir {}", dir.display()))?
                     .path();
                 if path.join("model_index.json").is_file() {
-                    found.push(PipelineFolder::resolve(path.to_str(), half)?);
+                    let name = path
+                        .to_str()
+                        .with_context(|| format!("{} is not a UTF-8 path", path.display()))?;
+                    found.push(PipelineFolder::resolve(Some(name), half)?);
                 }
             }
             found.sort_by(|a, b| a.name.cmp(&b.name));

@@ -127,6 +127,12 @@ impl Drop for Server {
 pub fn run(config: &ServeConfig) -> anyhow::Result<()> {
     let (state, listener) = prepare(config)?;
     let addr = listener.local_addr()?;
+    if !config.host.is_loopback() && state.api_key.is_none() {
+        eprintln!(
+            "warning: listening on {} without --api-key: anyone who reaches this port can use it",
+            config.host
+        );
+    }
     eprintln!(
         "ldm serve: model {} on http://{addr}/ (A1111 API at /sdapi/v1, OpenAI API at /v1){}",
         state.selected_model(),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Multipart, Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -342,12 +342,10 @@ fn number(value: String) -> Value {
     }
 }
 
-/// A 404 in OpenAI's shape for unknown `/v1/` paths.
+/// A 404 in OpenAI's shape for unknown paths.
 pub async fn not_found() -> Response {
     let error = ApiError::new(super::error::ErrorKind::NotFound, "no such endpoint");
-    let mut response = OpenAiError(error).into_response();
-    *response.status_mut() = StatusCode::NOT_FOUND;
-    response
+    OpenAiError(error).into_response()
 }
 
 #[cfg(test)]
