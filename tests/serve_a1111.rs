@@ -354,6 +354,17 @@ fn lists_options_and_switching_models() {
     let (_, options) = server.get_json("/sdapi/v1/options");
     assert_eq!(options["sd_model_checkpoint"], json!(first));
 
+    // An empty sampler_name falls back to sampler_index, as in A1111.
+    let body = json!({"steps": 1, "sampler_name": "", "sampler_index": "DPM++ 2M Karras"});
+    let (status, answer) = server.post_json("/sdapi/v1/txt2img", &body);
+    assert_eq!(status, 200, "{answer}");
+    let info: Value = serde_json::from_str(answer["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["sampler_name"], json!("DPM++ 2M Karras"));
+    assert!(info["infotexts"][0]
+        .as_str()
+        .unwrap()
+        .contains("Schedule type: Karras"));
+
     // A request can run on another model without switching the server to it.
     let mut body = txt2img_body(1);
     body["steps"] = json!(1);

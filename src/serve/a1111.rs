@@ -93,12 +93,15 @@ fn image_request(
     fields: &GenerationFields,
     source: Option<SourceRequest>,
 ) -> Result<ImageRequest, ApiError> {
-    let (sampler_field, sampler_name) = match (&fields.sampler_name, &fields.sampler_index) {
-        (Some(name), _) => ("sampler_name", name.as_str()),
-        (None, Some(name)) => ("sampler_index", name.as_str()),
-        (None, None) => ("sampler_name", DEFAULT_SAMPLER),
-    };
-    let (sampler, named_karras) = samplers::find(sampler_field, sampler_name)?;
+    // As A1111: `sampler_name or sampler_index`, an empty name counting as none.
+    let given = |name: &Option<String>| name.clone().filter(|n| !n.trim().is_empty());
+    let (sampler_field, sampler_name) =
+        match (given(&fields.sampler_name), given(&fields.sampler_index)) {
+            (Some(name), _) => ("sampler_name", name),
+            (None, Some(name)) => ("sampler_index", name),
+            (None, None) => ("sampler_name", DEFAULT_SAMPLER.to_string()),
+        };
+    let (sampler, named_karras) = samplers::find(sampler_field, &sampler_name)?;
     let karras = samplers::schedule("scheduler", fields.scheduler.as_deref())? || named_karras;
     let model = match fields
         .override_settings
