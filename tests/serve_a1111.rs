@@ -274,6 +274,11 @@ fn bad_input_is_refused_naming_the_field() {
             json!({"override_settings": {"sd_model_checkpoint": "nope"}}),
             "override_settings.sd_model_checkpoint",
         ),
+        (
+            "/sdapi/v1/txt2img",
+            json!({"prompt": "a cat <lora:x:1>", "steps": 1}),
+            "prompt",
+        ),
         ("/sdapi/v1/img2img", json!({"prompt": "x"}), "init_images"),
         (
             "/sdapi/v1/img2img",
