@@ -189,7 +189,8 @@ pub fn var_builder(
 ) -> anyhow::Result<VarBuilder<'static>> {
     let file = crate::weights_file::WeightsFile::open(path)
         .with_context(|| format!("cannot read weights file {}", path.display()))?;
-    Ok(file.into_var_builder(dtype, device))
+    file.into_var_builder(dtype, device)
+        .with_context(|| format!("cannot read weights file {}", path.display()))
 }
 
 fn preset_names() -> String {

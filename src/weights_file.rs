@@ -1,4 +1,5 @@
-//! Model weights read from a safetensors file tensor by tensor, into a candle `VarBuilder`.
+//! Model weights read from a safetensors file, tensor by tensor in parallel, into a candle
+//! `VarBuilder`.
 //!
 //! candle's memory-mapped reader copies every tensor out of the mapping, and the mapped pages
 //! it touched stay resident until the whole builder is dropped: loading SD 1.5's 3.4 GB U-Net
@@ -12,8 +13,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 use serde::Deserialize;
 
 /// One tensor's entry in the safetensors header.
@@ -75,9 +76,20 @@ impl WeightsFile {
         })
     }
 
-    /// A `VarBuilder` that reads tensors from this file on demand, converted to `dtype`.
-    pub fn into_var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
-        VarBuilder::from_backend(Box::new(self), dtype, device.clone())
+    /// A `VarBuilder` over every tensor of the file, converted to `dtype`. The tensors are
+    /// read in parallel up front: reading is dominated by page-faulting the fresh buffers in,
+    /// which one thread did at a fraction of the machine's speed.
+    pub fn into_var_builder(
+        self,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<VarBuilder<'static>> {
+        let tensors = self
+            .entries
+            .par_iter()
+            .map(|(name, _)| Ok((name.clone(), self.load(name, device)?.to_dtype(dtype)?)))
+            .collect::<candle_core::Result<HashMap<String, Tensor>>>()?;
+        Ok(VarBuilder::from_tensors(tensors, dtype, device))
     }
 
     fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
@@ -153,39 +165,4 @@ fn read_vec<T: candle_core::WithDType + Copy>(
         values.set_len(count);
     }
     Tensor::from_vec(values, shape, device)
-}
-
-impl SimpleBackend for WeightsFile {
-    fn get(
-        &self,
-        shape: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        device: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let tensor = self.get_unchecked(name, dtype, device)?;
-        if tensor.shape() != &shape {
-            return Err(candle_core::Error::UnexpectedShape {
-                msg: format!("shape mismatch for {name}"),
-                expected: shape,
-                got: tensor.shape().clone(),
-            }
-            .bt());
-        }
-        Ok(tensor)
-    }
-
-    fn get_unchecked(
-        &self,
-        name: &str,
-        dtype: DType,
-        device: &Device,
-    ) -> candle_core::Result<Tensor> {
-        self.load(name, device)?.to_dtype(dtype)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.entries.contains_key(name)
-    }
 }

@@ -26,7 +26,8 @@ fn tensors_round_trip_and_bad_files_are_named() {
 
     let vb = WeightsFile::open(&path)
         .unwrap()
-        .into_var_builder(DType::F32, &device);
+        .into_var_builder(DType::F32, &device)
+        .unwrap();
     let read = vb.get((2, 3, 4), "a.weight").unwrap();
     assert_eq!(
         read.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
