@@ -24,6 +24,7 @@ pub mod rng;
 pub mod schedulers;
 pub mod serve;
 pub mod shard;
+pub mod threads;
 pub mod tokenizer;
 pub mod training;
 pub mod weights_file;

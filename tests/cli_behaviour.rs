@@ -167,6 +167,32 @@ fn seeds_reproduce_and_count_up_per_image() {
 }
 
 #[test]
+fn thread_count_changes_speed_not_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    for threads in ["1", "2"] {
+        let mut args = vec!["--threads".to_string(), threads.to_string()];
+        args.extend(quick(&[
+            "--seed",
+            "5",
+            "-o",
+            &path(&format!("t{threads}.png")),
+            "--save-latents",
+            &path(&format!("t{threads}.st")),
+        ]));
+        assert!(run(&args).status.success());
+    }
+    // Work is split differently, so sums may round differently: no more than that.
+    common::assert_close(
+        "1 vs 2 threads",
+        &saved_latents(&path("t1.st")),
+        &saved_latents(&path("t2.st")),
+        1e-5,
+    );
+    assert_clean_error(&ldm(&["--threads", "0", "txt2img", "x"]), &["--threads"]);
+}
+
+#[test]
 fn random_seed_is_printed_and_recorded() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("random.png");

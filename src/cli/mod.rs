@@ -12,6 +12,9 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "ldm", version, about, long_about = None, arg_required_else_help = true)]
 pub struct Cli {
+    /// CPU threads for the computation (default: RAYON_NUM_THREADS, else one per core).
+    #[arg(long, global = true, value_name = "N")]
+    pub threads: Option<usize>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -37,6 +40,7 @@ pub enum Command {
 /// Parses the command line and runs it.
 pub fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    crate::threads::configure(cli.threads)?;
     match cli.command {
         Command::Txt2img(args) => generate::txt2img(args),
         Command::Img2img(args) => generate::img2img(args),

@@ -1,0 +1,31 @@
+//! CPU threads: how many, and which pool runs what.
+//!
+//! ldm's kernels and candle's matrix products run on rayon's global pool. candle 0.11 also
+//! runs its elementwise ops (≥ 64 Ki elements) on a second pool of its own, whose idle workers
+//! spin and whose caller spins until every worker has finished. Next to rayon's workers that
+//! oversubscribes the cores, and a descheduled worker leaves the caller spinning: on the 2-core
+//! machine, with other work running, a two-thread training step spent 47% of its CPU time in
+//! that wait (4.2× the CPU time of one thread). Those elementwise ops are a few percent of a
+//! step, so candle's pool is kept to the calling thread unless `CANDLE_NUM_THREADS` says
+//! otherwise.
+
+use anyhow::{bail, Context};
+
+/// Sizes rayon's global pool (`threads`, else `RAYON_NUM_THREADS`, else one per core) and keeps
+/// candle's elementwise pool to the calling thread. Call it once, before any tensor work and
+/// before other threads start (it sets environment variables that candle reads once).
+pub fn configure(threads: Option<usize>) -> anyhow::Result<()> {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    let mut pool = rayon::ThreadPoolBuilder::new();
+    if let Some(threads) = threads {
+        if threads == 0 {
+            bail!("--threads must be at least 1");
+        }
+        // candle sizes its products' parallelism from this variable, not from the pool.
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        pool = pool.num_threads(threads);
+    }
+    pool.build_global().context("starting the CPU thread pool")
+}
