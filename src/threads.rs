@@ -29,3 +29,11 @@ pub fn configure(threads: Option<usize>) -> anyhow::Result<()> {
     }
     pool.build_global().context("starting the CPU thread pool")
 }
+
+/// Runs `work` on one of the pool's threads. The kernels' parallel loops inside it then fork and
+/// join by work stealing; called from outside the pool, every loop would wake the pool and put
+/// the caller to sleep until it finished (measured on the idle 2-core machine, default model,
+/// 100 DDIM steps at 2 threads: 1.2 s -> 0.68 s, and system time 0.8 s -> 0.3 s).
+pub fn in_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| work())
+}

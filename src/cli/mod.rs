@@ -41,7 +41,11 @@ pub enum Command {
 pub fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     crate::threads::configure(cli.threads)?;
-    match cli.command {
+    crate::threads::in_pool(|| dispatch(cli.command))
+}
+
+fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Txt2img(args) => generate::txt2img(args),
         Command::Img2img(args) => generate::img2img(args),
         Command::Inpaint(args) => generate::inpaint(args),

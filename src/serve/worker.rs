@@ -74,14 +74,15 @@ impl Worker {
         match task {
             Task::Generate { request, reply } => {
                 // A panic deep in a model must cost one request, not the server.
-                let result =
-                    std::panic::catch_unwind(AssertUnwindSafe(|| self.generate(&request, &reply)))
-                        .unwrap_or_else(|_| {
-                            Err(ApiError::new(
-                                ErrorKind::Internal,
-                                "the generation failed unexpectedly (see the server log)",
-                            ))
-                        });
+                let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    crate::threads::in_pool(|| self.generate(&request, &reply))
+                }))
+                .unwrap_or_else(|_| {
+                    Err(ApiError::new(
+                        ErrorKind::Internal,
+                        "the generation failed unexpectedly (see the server log)",
+                    ))
+                });
                 self.queue.end();
                 let _ = reply.send(result);
             }
