@@ -14,6 +14,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Ten
 use rayon::prelude::*;
 
 use super::gemm::{matmul, matmul_raw, Matrix};
+use super::winograd::Winograd;
 use super::{cpu_f32, read_f32, sum_partials, uses_cpu_kernel, with_scratch};
 
 /// Output pixels per work item (whole rows): enough columns for an efficient gemm, few enough
@@ -124,6 +125,18 @@ impl Geometry {
             .map(move |row| (row, per_tile.min(out_h - row)))
     }
 
+    /// The Winograd path's sizes, for a 3×3, stride-1, padding-1 convolution.
+    fn winograd(&self) -> Option<Winograd> {
+        let fits = (self.kh, self.kw, self.stride, self.padding) == (3, 3, 1, 1);
+        fits.then_some(Winograd {
+            batch: self.batch,
+            c_in: self.c_in,
+            c_out: self.c_out,
+            h: self.h,
+            w: self.w,
+        })
+    }
+
     /// A 1×1, stride-1, unpadded convolution is a plain product with the input.
     fn is_pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
@@ -215,7 +228,7 @@ struct Conv2dOp {
 }
 
 /// The output buffer shared by the forward tasks, each writing its own tile.
-struct SharedOut(*mut f32);
+pub(super) struct SharedOut(pub(super) *mut f32);
 // SAFETY: tasks write disjoint elements (distinct batch items or output rows).
 unsafe impl Sync for SharedOut {}
 
@@ -250,6 +263,11 @@ impl CustomOp3 for Conv2dOp {
         let bias = super::channel_values(bias, bias_layout, g.c_out)?;
         let (image_len, out_len) = (g.c_in * g.h * g.w, g.c_out * g.out_pixels());
         let mut out = vec![0f32; g.batch * out_len];
+        let shape = Shape::from((g.batch, g.c_out, g.out_h, g.out_w));
+        if let Some(winograd) = g.winograd().filter(Winograd::worthwhile) {
+            winograd.forward(xs, weight, bias, &mut out);
+            return Ok((CpuStorage::F32(out), shape));
+        }
         let tiles: Vec<(usize, usize, usize)> = (0..g.batch)
             .flat_map(|b| g.tiles().map(move |(first, rows)| (b, first, rows)))
             .collect();
@@ -302,7 +320,6 @@ impl CustomOp3 for Conv2dOp {
         } else {
             tiles.par_iter().for_each(run);
         }
-        let shape = Shape::from((g.batch, g.c_out, g.out_h, g.out_w));
         Ok((CpuStorage::F32(out), shape))
     }
 

@@ -16,6 +16,7 @@ pub mod group_norm;
 pub mod layer_norm;
 mod simd;
 pub mod softmax;
+mod winograd;
 
 pub use attention::{attention, attention_composed};
 pub use bias::{add_bias, add_bias_composed};
