@@ -268,6 +268,7 @@ impl<'a> Trainer<'a> {
             position_in_epoch: state.position_in_epoch,
         };
         let log = LossLog::open(out, &LOSS_COLUMNS, cfg.resume.then_some(step))?;
+        log.report_malformed(observer);
         let sample_prompts = if cfg.samples.prompts.is_empty() {
             default_sample_prompts(&captions)
         } else {

@@ -200,6 +200,7 @@ impl<'a> Run<'a> {
             &LOSS_COLUMNS,
             opts.resume.then_some(run_state.step),
         )?;
+        log.report_malformed(observer);
         Ok(Self {
             opts,
             data,

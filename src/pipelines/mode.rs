@@ -1,0 +1,31 @@
+//! The three generation modes, decided by which inputs an image has.
+
+use super::ImageJob;
+
+/// What making an image does: txt2img from noise, img2img from a source image, or inpainting
+/// a source image's masked region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    Txt2Img,
+    Img2Img,
+    Inpaint,
+}
+
+impl Mode {
+    /// The mode of an image with or without a source image and a mask (a mask without a source
+    /// image has nothing to apply to).
+    pub fn of(has_source: bool, has_mask: bool) -> Self {
+        match (has_source, has_mask) {
+            (false, _) => Self::Txt2Img,
+            (true, false) => Self::Img2Img,
+            (true, true) => Self::Inpaint,
+        }
+    }
+}
+
+impl ImageJob {
+    pub fn mode(&self) -> Mode {
+        let source = self.source.as_ref();
+        Mode::of(source.is_some(), source.is_some_and(|s| s.mask.is_some()))
+    }
+}
