@@ -220,12 +220,7 @@ fn read_sidecar_caption(image: &Path, skipped: &mut Vec<(PathBuf, String)>) -> O
 
 /// Decodes an image of any supported format; transparency is composited on white.
 fn load_rgb_on_white(path: &Path) -> anyhow::Result<RgbImage> {
-    let decoded = image::ImageReader::open(path)
-        .with_context(|| format!("cannot open image {}", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("cannot read image {}", path.display()))?
-        .decode()
-        .with_context(|| format!("cannot decode image {}", path.display()))?;
+    let decoded = crate::image_io::decode_image(path)?;
     if !decoded.color().has_alpha() {
         return Ok(decoded.to_rgb8());
     }
