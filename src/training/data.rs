@@ -16,6 +16,7 @@ use image::imageops::FilterType;
 use image::{Rgb, RgbImage, RgbaImage};
 use serde::Deserialize;
 
+use super::metrics::TrainObserver;
 use super::SplitMix64;
 
 /// The file HF `imagefolder` reads captions from.
@@ -103,6 +104,13 @@ impl ImageFolder {
 
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
+    }
+
+    /// Tells `observer` of each file left out, and why.
+    pub fn report_skipped(&self, observer: &mut dyn TrainObserver) {
+        for (path, reason) in &self.skipped {
+            observer.on_message(&format!("warning: skipping {}: {reason}", path.display()));
+        }
     }
 
     /// Items `indices` as `[B, 3, R, R]` f32 in [-1, 1] on `device`, with their first captions;

@@ -14,7 +14,7 @@ use super::{TrainObserver, LOSS_CSV};
 pub struct LossLog {
     path: PathBuf,
     columns: Vec<String>,
-    rows: Vec<(usize, Vec<f64>)>,
+    rows: Vec<Row>,
     malformed_lines: Vec<usize>,
     file: File,
 }
@@ -74,7 +74,7 @@ impl LossLog {
     }
 
     /// All rows so far, including those kept from before a resume.
-    pub fn rows(&self) -> &[(usize, Vec<f64>)] {
+    pub fn rows(&self) -> &[Row] {
         &self.rows
     }
 
@@ -100,16 +100,16 @@ impl LossLog {
     }
 }
 
+/// A step and its values.
+pub type Row = (usize, Vec<f64>);
+
 fn csv_row(step: usize, values: &[f64]) -> String {
     let values: Vec<String> = values.iter().map(|v| format!("{v:e}")).collect();
     format!("{step},{}\n", values.join(","))
 }
 
 /// The rows of `path`, and the numbers of the lines that are not rows.
-fn read_rows(
-    path: &Path,
-    columns: &[String],
-) -> anyhow::Result<(Vec<(usize, Vec<f64>)>, Vec<usize>)> {
+fn read_rows(path: &Path, columns: &[String]) -> anyhow::Result<(Vec<Row>, Vec<usize>)> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut lines = BufReader::new(file).lines();
     let expected = format!("step,{}", columns.join(","));

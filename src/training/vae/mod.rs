@@ -141,9 +141,7 @@ impl<'a> Run<'a> {
         super::check_training_dtype(opts.dtype, &opts.device)?;
         checkpoint::check_output(&opts.output, opts.resume)?;
         let data = ImageFolder::open(&opts.data, opts.resolution)?;
-        for (path, reason) in &data.skipped {
-            observer.on_message(&format!("warning: skipping {}: {reason}", path.display()));
-        }
+        data.report_skipped(observer);
         anyhow::ensure!(
             !data.is_empty(),
             "no usable images in {}",
@@ -210,10 +208,7 @@ impl<'a> Run<'a> {
             optim,
             ema,
             generator: TorchGenerator::from_state(&run_state.rng)?,
-            cursor: DataCursor {
-                epoch: run_state.epoch,
-                position_in_epoch: run_state.position_in_epoch,
-            },
+            cursor: run_state.cursor(),
             step: run_state.step,
             identity,
             log,
@@ -343,13 +338,7 @@ impl TrainingRun for Run<'_> {
     }
 
     fn save_checkpoint(&mut self, observer: &mut dyn TrainObserver) -> anyhow::Result<()> {
-        let state = TrainState {
-            step: self.step,
-            epoch: self.cursor.epoch,
-            position_in_epoch: self.cursor.position_in_epoch,
-            rng: self.generator.state(),
-            extra: self.identity.clone(),
-        };
+        let state = TrainState::new(self.step, self.cursor, &self.generator, &self.identity);
         checkpoint::save_checkpoint(
             &self.opts.output,
             &self.varmap,
