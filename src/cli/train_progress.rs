@@ -2,6 +2,7 @@
 //! stderr, and Ctrl-C.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -33,7 +34,7 @@ impl ConsoleProgress {
         Ok(Self {
             bar,
             quiet,
-            interrupt: crate::training::interrupt_flag()?,
+            interrupt: interrupt_flag()?,
         })
     }
 }
@@ -85,4 +86,24 @@ impl Drop for ConsoleProgress {
     fn drop(&mut self) {
         self.bar.finish_and_clear();
     }
+}
+
+/// A flag that turns true on Ctrl-C (SIGINT): the training loops ask the observer before every
+/// step (`should_stop`, which reads it), then save a checkpoint and return. A second Ctrl-C
+/// exits at once (status 130), for when saving hangs. The handler is installed once per process.
+fn interrupt_flag() -> anyhow::Result<&'static AtomicBool> {
+    static FLAG: AtomicBool = AtomicBool::new(false);
+    static INSTALLED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            ctrlc::set_handler(|| {
+                if FLAG.swap(true, Ordering::SeqCst) {
+                    std::process::exit(130);
+                }
+            })
+            .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!("cannot install the Ctrl-C handler: {e}"))?;
+    Ok(&FLAG)
 }

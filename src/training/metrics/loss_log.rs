@@ -69,10 +69,6 @@ impl LossLog {
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// All rows so far, including those kept from before a resume.
     pub fn rows(&self) -> &[Row] {
         &self.rows
