@@ -50,7 +50,8 @@ mod scaling;
 
 pub use objective::{negative_elbo, NegativeElbo};
 pub use options::{defaults, ReconLoss, TrainVaeOptions, VaeArchitecture};
-pub use scaling::{measure_scaling_factor, SCALING_FACTOR_IMAGES};
+use scaling::measure_scaling_factor;
+pub use scaling::SCALING_FACTOR_IMAGES;
 
 /// Images shown (originals above reconstructions) in each sample grid.
 const SAMPLE_IMAGES: usize = 8;

@@ -14,7 +14,7 @@ const LATENT_SEED_OFFSET: u64 = 0x5ca1e;
 
 /// `1 / std` of latents sampled by `vae` (z = μ + σ·ε, ε from a generator seeded apart from the
 /// training one) for up to `SCALING_FACTOR_IMAGES` images of `data`, `batch_size` at a time.
-pub fn measure_scaling_factor(
+pub(super) fn measure_scaling_factor(
     vae: &AutoencoderKL,
     data: &ImageFolder,
     seed: u64,
