@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::prompt_file::{job_key, Job};
+use crate::pipelines::batch::{job_key, Job};
 
 /// The manifest's file name inside the output folder.
 pub const MANIFEST_FILE: &str = "manifest.jsonl";

@@ -96,15 +96,20 @@ pub fn read_png_parameters(path: &Path) -> anyhow::Result<Option<String>> {
     Ok(latin1.or_else(utf8))
 }
 
-/// Opens an image of any supported format as RGB, naming the path when it cannot.
-pub fn load_rgb(path: &Path) -> anyhow::Result<RgbImage> {
-    let image = image::ImageReader::open(path)
+/// Decodes an image of any supported format (told by its content), naming the path when it
+/// cannot.
+pub fn decode_image(path: &Path) -> anyhow::Result<image::DynamicImage> {
+    image::ImageReader::open(path)
         .with_context(|| format!("cannot open image {}", path.display()))?
         .with_guessed_format()
         .with_context(|| format!("cannot read image {}", path.display()))?
         .decode()
-        .with_context(|| format!("cannot decode image {}", path.display()))?;
-    Ok(image.to_rgb8())
+        .with_context(|| format!("cannot decode image {}", path.display()))
+}
+
+/// Opens an image of any supported format as RGB (an alpha channel is dropped).
+pub fn load_rgb(path: &Path) -> anyhow::Result<RgbImage> {
+    Ok(decode_image(path)?.to_rgb8())
 }
 
 /// A source image as diffusers' `VaeImageProcessor` prepares it: resized (Lanczos) to

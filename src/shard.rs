@@ -11,7 +11,7 @@ use std::fmt;
 
 use anyhow::{bail, ensure, Context};
 
-use crate::prompt_file::{group_for_batching, Job};
+use crate::pipelines::batch::{group_for_batching, Job};
 
 /// Shard `index` (from 0) of `count`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

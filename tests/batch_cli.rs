@@ -67,6 +67,13 @@ fn malformed_lines_stop_everything_unless_keep_going() {
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
+    let message = stderr(&output);
+    assert!(
+        message.contains("warning: ")
+            && message.contains("prompts.jsonl:2: ")
+            && message.contains("(line skipped)"),
+        "the skipped line is reported: {message}"
+    );
     assert_eq!(pngs(&out).len(), 2);
     assert_eq!(manifest_lines(&out), 2);
 }

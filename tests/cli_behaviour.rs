@@ -318,6 +318,13 @@ fn bad_sizes_steps_and_names_are_clear_errors() {
         &run(&quick(&["-o", "/nonexistent-dir/x.png"])),
         &["/nonexistent-dir", "does not exist"],
     );
+    // A U-Net with mask channels cannot make a txt2img image.
+    let inpainting = common::fixture("tiny-inpaint");
+    let inpainting = inpainting.to_str().unwrap();
+    assert_clean_error(
+        &ldm(&["txt2img", "x", "--model", inpainting, "--steps", "1"]),
+        &["inpainting model", "use `ldm inpaint`"],
+    );
 }
 
 #[test]

@@ -4,9 +4,11 @@
 use std::path::{Component, Path, PathBuf};
 
 use ldm::batch_manifest::{Manifest, ManifestEntry, MANIFEST_FILE};
+use ldm::pipelines::batch::{expand_jobs, group_for_batching, job_key, Job, JobDefaults};
+use ldm::pipelines::Mode;
 use ldm::prompt_file::{
-    expand_jobs, group_for_batching, job_key, line_errors_report, parse_prompt_file,
-    parse_prompt_text, Job, JobDefaults, JobMode, LineError, ParsedPromptFile, PromptFileKind,
+    line_errors_report, parse_prompt_file, parse_prompt_text, LineError, ParsedPromptFile,
+    PromptFileKind,
 };
 
 fn defaults() -> JobDefaults {
@@ -251,9 +253,15 @@ fn bad_lines_fail_the_file_unless_keep_going() {
         "{report}"
     );
 
-    let kept = jsonl(text).into_entries(file, true).unwrap();
+    let (kept, skipped) = jsonl(text).into_entries(file, true).unwrap();
     let kept: Vec<(usize, &str)> = kept.iter().map(|e| (e.line, e.prompt.as_str())).collect();
     assert_eq!(kept, [(1, "a red apple"), (5, "a smiling sun")]);
+    let skipped: Vec<usize> = skipped.iter().map(|e| e.line).collect();
+    assert_eq!(
+        skipped,
+        [2, 4],
+        "the skipped lines are returned for the caller to report"
+    );
 }
 
 #[test]
@@ -353,7 +361,7 @@ fn mask_or_strength_without_any_image_is_a_line_error() {
 {"prompt": "a yellow star"}
 "#;
     let mut parsed = jsonl(text);
-    parsed.check_with_defaults(&defaults());
+    defaults().check(&mut parsed);
     assert_eq!(
         prompts(&parsed),
         [(3, "a smiling sun"), (4, "a yellow star")]
@@ -363,19 +371,21 @@ fn mask_or_strength_without_any_image_is_a_line_error() {
 
     // With --image on the command line every line has an image.
     let mut parsed = jsonl(text);
-    parsed.check_with_defaults(&JobDefaults {
+    JobDefaults {
         image: Some("cli.png".into()),
         ..defaults()
-    });
+    }
+    .check(&mut parsed);
     assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
     assert_eq!(parsed.entries.len(), 4);
 
     // A command-line mask without an image fails every line; errors stay sorted by line.
     let mut parsed = jsonl("{\"prompt\": \"a\"}\n{oops\n{\"prompt\": \"b\"}\n");
-    parsed.check_with_defaults(&JobDefaults {
+    JobDefaults {
         mask: Some("m.png".into()),
         ..defaults()
-    });
+    }
+    .check(&mut parsed);
     assert!(parsed.entries.is_empty());
     assert_eq!(
         parsed.errors.iter().map(|e| e.line).collect::<Vec<_>>(),
@@ -467,7 +477,7 @@ fn overrides_replace_defaults_per_line() {
         ),
         (512, 512, "ddim", "sd15")
     );
-    assert_eq!((apple.mode(), apple.strength), (JobMode::Txt2Img, None));
+    assert_eq!((apple.mode(), apple.strength), (Mode::Txt2Img, None));
     assert_eq!(apple.guidance_rescale, 0.0);
 
     let cat = &jobs[1];
@@ -490,14 +500,14 @@ fn overrides_replace_defaults_per_line() {
         sun.image.as_deref(),
         Some(Path::new("/data/prompts/sun.png"))
     );
-    assert_eq!((sun.mode(), sun.strength), (JobMode::Img2Img, Some(0.8)));
+    assert_eq!((sun.mode(), sun.strength), (Mode::Img2Img, Some(0.8)));
 
     let frog = &jobs[3];
     assert_eq!(
         frog.mask.as_deref(),
         Some(Path::new("/data/prompts/frog-mask.png"))
     );
-    assert_eq!((frog.mode(), frog.strength), (JobMode::Inpaint, Some(0.25)));
+    assert_eq!((frog.mode(), frog.strength), (Mode::Inpaint, Some(0.25)));
 }
 
 #[test]
@@ -517,7 +527,7 @@ fn command_line_image_and_mask_apply_to_lines_without_their_own() {
     assert!(jobs
         .iter()
         .all(|j| j.mask.as_deref() == Some(Path::new("cli-mask.png"))));
-    assert!(jobs.iter().all(|j| j.mode() == JobMode::Inpaint));
+    assert!(jobs.iter().all(|j| j.mode() == Mode::Inpaint));
 }
 
 // ---- output file names ------------------------------------------------------------------

@@ -602,6 +602,56 @@ fn cli_ctrl_c_saves_and_fails() {
     assert!(out.join("checkpoint").is_dir());
 }
 
+/// A run with `crop` trains on crop windows: its first step's losses are, to the bit, those of
+/// the initial VAE on the windows of the first batch cut by the "crops at step 0" stream, with
+/// the run generator's first noise; the whole images would give other losses.
+#[test]
+fn a_cropped_run_trains_on_crop_windows() {
+    use ldm::rng::TorchGenerator;
+    use ldm::training::data::{next_batch, random_crops, DataCursor, ImageFolder};
+    use ldm::training::{seeded_var_builder, SplitMix64};
+
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    make_shapes(&data, 6, 16);
+    let opts = TrainVaeOptions {
+        crop: Some(8),
+        max_steps: 1,
+        ..options(&data, &root.path().join("out"))
+    };
+    let summary = run(&opts, &mut Scripted::default());
+    let trained = summary.last_losses.unwrap();
+
+    let (config, _) = load_exported(summary.vae_dir.as_deref().unwrap());
+    let varmap = VarMap::new();
+    let vb = seeded_var_builder(&varmap, opts.seed, DType::F32, &CPU);
+    let initial = AutoencoderKL::new(vb, &config).unwrap();
+    let folder = ImageFolder::open(&data, opts.resolution).unwrap();
+    let mut cursor = DataCursor::default();
+    let (indices, flips) =
+        next_batch(&mut cursor, folder.len(), opts.batch_size, opts.seed, false).unwrap();
+    let (images, _) = folder.load_batch(&indices, &flips, &CPU).unwrap();
+    let mut stream = SplitMix64::for_stream(opts.seed, "crops at step 0");
+    let windows = random_crops(&images, 8, &mut stream).unwrap();
+    let losses = |images: &Tensor| {
+        let side = images.dim(2).unwrap() / config.vae_scale_factor();
+        let shape = (opts.batch_size, config.latent_channels, side, side);
+        let count = opts.batch_size * config.latent_channels * side * side;
+        let eps = Tensor::from_vec(TorchGenerator::new(opts.seed).randn(count), shape, &CPU);
+        let (terms, _) = negative_elbo(
+            &initial,
+            images,
+            &eps.unwrap(),
+            opts.recon_loss,
+            opts.kl_weight,
+        )
+        .unwrap();
+        terms.values().unwrap()
+    };
+    assert_eq!(trained, losses(&windows));
+    assert_ne!(trained[0], losses(&images)[0], "whole images differ");
+}
+
 /// `--crop` windows: each crop is a `size`×`size` window of its own image, the positions vary
 /// with the generator's stream (and between the images of a batch), the same stream gives the
 /// same crops, and a window larger than the image is an error.

@@ -595,6 +595,11 @@ fn loss_log_resume_drops_rows_after_the_checkpoint() {
 
     let mut log = LossLog::open(dir.path(), &columns, Some(3)).unwrap();
     assert_eq!(log.rows().len(), 3);
+    assert_eq!(
+        log.malformed_lines(),
+        [7],
+        "the cut line, reported to the caller"
+    );
     log.record(4, &[0.2, 41.0]).unwrap();
     let text = std::fs::read_to_string(&csv).unwrap();
     let lines: Vec<&str> = text.lines().collect();

@@ -13,8 +13,9 @@ use super::lora::{add_prompt_loras, group_by_loras, LoraArgs};
 use crate::device::{DeviceSpec, Precision};
 use crate::lora::LoraSpec;
 use crate::model_source::PipelineFolder;
+use crate::pipelines::batch::{expand_jobs, JobDefaults};
 use crate::pipelines::{Generated, ImageJob, Sampling, SourceImage, StableDiffusion};
-use crate::prompt_file::{self, JobDefaults};
+use crate::prompt_file;
 use crate::schedulers::SamplerKind;
 use crate::shard::Shard;
 
@@ -651,9 +652,12 @@ fn batch(
         loras: model.lora.loras.iter().map(LoraSpec::to_string).collect(),
     };
     let mut parsed = prompt_file::parse_prompt_file(file)?;
-    parsed.check_with_defaults(&defaults);
-    let entries = parsed.into_entries(file, args.keep_going)?;
-    let mut jobs = prompt_file::expand_jobs(&entries, &defaults);
+    defaults.check(&mut parsed);
+    let (entries, skipped) = parsed.into_entries(file, args.keep_going)?;
+    for line in &skipped {
+        eprintln!("warning: {} (line skipped)", line.located(file));
+    }
+    let mut jobs = expand_jobs(&entries, &defaults);
     add_prompt_loras(&mut jobs, &model.lora)?;
     let shard = Shard::resolve(args.shard, args.shard_count, |name| {
         std::env::var(name).ok()

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::lora::{prompt_loras, LoraSpec};
-use crate::prompt_file::Job;
+use crate::pipelines::batch::Job;
 
 /// LoRAs merged into the model when it loads.
 #[derive(Debug, Args)]

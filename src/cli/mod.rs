@@ -5,6 +5,7 @@ mod generate;
 mod lora;
 mod serve;
 mod train;
+mod train_progress;
 
 use clap::{Parser, Subcommand};
 

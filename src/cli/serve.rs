@@ -42,7 +42,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "ldm serve does not load LoRAs from prompt tags yet: merge them with --lora FILE[:WEIGHT]"
     );
     let (device, dtype) = args.model.device_and_dtype()?;
-    crate::serve::run(&ServeConfig {
+    let config = ServeConfig {
         model: args.model.model.clone(),
         models_dir: args.models_dir,
         device,
@@ -52,5 +52,6 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         api_key: args.api_key,
         max_queue: args.max_queue,
         loras: args.model.lora.loras.clone(),
-    })
+    };
+    crate::serve::run(&config, &mut |line| eprintln!("{line}"))
 }

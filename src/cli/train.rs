@@ -4,10 +4,10 @@ use std::path::PathBuf;
 
 use clap::{ArgGroup, Args};
 
+use super::train_progress::ConsoleProgress;
 use crate::device::{DeviceSpec, Precision};
 use crate::models::nn::Activation;
 use crate::models::unet::UNet2DConditionConfig;
-use crate::training::metrics::ConsoleProgress;
 use crate::training::optim::AdamWConfig;
 use crate::training::unet::{
     self, PredictionTarget, SampleSettings, TextEncoderSetup, TextEncoderSizes, TrainUNetOptions,

@@ -11,7 +11,7 @@ use anyhow::{bail, ensure};
 use candle_core::{DType, Tensor};
 use image::RgbImage;
 
-use super::{DenoiseSpec, InpaintGuide, StableDiffusion};
+use super::{DenoiseSpec, InpaintGuide, Mode, StableDiffusion};
 use crate::conditioning::PromptOptions;
 use crate::infotext::GenerationInfo;
 use crate::rng::{BatchNoise, NoiseSource};
@@ -96,22 +96,19 @@ impl StableDiffusion {
     pub fn validate(&self, sampling: &Sampling, jobs: &[ImageJob]) -> anyhow::Result<()> {
         self.validate_sampling(sampling)?;
         ensure!(!jobs.is_empty(), "at least one image must be requested");
-        let with_source = jobs.iter().filter(|j| j.source.is_some()).count();
-        let with_mask = jobs
-            .iter()
-            .filter(|j| j.source.as_ref().is_some_and(|s| s.mask.is_some()))
-            .count();
+        let mode = jobs[0].mode();
         ensure!(
-            (with_source == 0 || with_source == jobs.len())
-                && (with_mask == 0 || with_mask == jobs.len()),
+            jobs.iter().all(|j| j.mode() == mode),
             "a batch cannot mix txt2img, img2img and inpainting images"
         );
         let in_channels = self.unet_config.in_channels;
         let latent_channels = self.vae_config.latent_channels;
-        if with_mask == 0 && in_channels != latent_channels {
+        if mode != Mode::Inpaint && in_channels != latent_channels {
             bail!("this model's U-Net takes {in_channels} input channels: it is an inpainting model, use `ldm inpaint`");
         }
-        if with_mask > 0 && ![latent_channels, 2 * latent_channels + 1].contains(&in_channels) {
+        if mode == Mode::Inpaint
+            && ![latent_channels, 2 * latent_channels + 1].contains(&in_channels)
+        {
             bail!("a U-Net with {in_channels} input channels can neither inpaint by blending nor with mask channels");
         }
         for job in jobs {

@@ -1,15 +1,18 @@
 //! Generation modes built on one Stable Diffusion model and ONE denoising loop (`denoise`).
 //!
 //! `StableDiffusion` holds the loaded components; txt2img, img2img and inpainting
-//! (`generate`) prepare initial latents and conditioning, then all call `denoise`.
+//! (`generate`) prepare initial latents and conditioning, then all call `denoise`. `batch` runs
+//! the jobs of a prompt file through the same entry point.
 
-mod batch;
+pub mod batch;
 mod denoise;
 mod generate;
+mod mode;
 
 pub use batch::BatchSummary;
 pub use denoise::{DenoiseSpec, InpaintGuide};
 pub use generate::{Generated, ImageJob, Sampling, SourceImage};
+pub use mode::Mode;
 
 use std::path::Path;
 

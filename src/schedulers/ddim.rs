@@ -3,15 +3,13 @@
 use candle_core::{Result, Tensor};
 
 use super::config::{PredictionType, SchedulerConfig};
-use super::noise_schedule::NoiseSchedule;
 use super::prediction::{scale, OriginalSampleLimit};
-use super::{timesteps, Scheduler, StepOutput};
+use super::timesteps::DiscreteSteps;
+use super::{Scheduler, StepOutput};
 use crate::rng::NoiseSource;
 
 pub struct Ddim {
-    schedule: NoiseSchedule,
-    timesteps: Vec<usize>,
-    timesteps_f64: Vec<f64>,
+    steps: DiscreteSteps,
     /// `num_train_timesteps // num_inference_steps`: DDIM steps from t to t − this, for every
     /// spacing (diffusers does not look the previous timestep up in the list).
     step_ratio: usize,
@@ -26,21 +24,18 @@ pub struct Ddim {
 impl Ddim {
     pub fn new(config: &SchedulerConfig, num_steps: usize, eta: f64) -> anyhow::Result<Self> {
         anyhow::ensure!(eta >= 0.0, "DDIM eta must be a number >= 0, got {eta}");
-        let schedule = NoiseSchedule::new(config);
-        let timesteps = timesteps::inference_timesteps(config, num_steps)?;
+        let steps = DiscreteSteps::new(config, num_steps)?;
         let final_alpha_cumprod = if config.set_alpha_to_one {
             1.0
         } else {
-            schedule.alphas_cumprod()[0]
+            steps.schedule.alphas_cumprod()[0]
         };
         Ok(Self {
-            timesteps_f64: timesteps.iter().map(|&t| t as f64).collect(),
-            timesteps,
+            steps,
             step_ratio: config.num_train_timesteps / num_steps,
             final_alpha_cumprod,
             prediction: config.prediction_type,
             limit: OriginalSampleLimit::from_config(config),
-            schedule,
             eta,
         })
     }
@@ -48,7 +43,7 @@ impl Ddim {
     /// ᾱ of a timestep that may lie before the first one.
     fn alpha_before(&self, timestep: usize) -> Result<f32> {
         match timestep.checked_sub(self.step_ratio) {
-            Some(prev) => self.schedule.alpha_cumprod(prev),
+            Some(prev) => self.steps.schedule.alpha_cumprod(prev),
             None => Ok(self.final_alpha_cumprod),
         }
     }
@@ -56,7 +51,7 @@ impl Ddim {
 
 impl Scheduler for Ddim {
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps_f64
+        &self.steps.as_f64
     }
 
     fn step(
@@ -66,8 +61,8 @@ impl Scheduler for Ddim {
         sample: &Tensor,
         noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput> {
-        let t = timesteps::at(&self.timesteps, step_index)?;
-        let alpha_t = self.schedule.alpha_cumprod(t)?;
+        let t = self.steps.at(step_index)?;
+        let alpha_t = self.steps.schedule.alpha_cumprod(t)?;
         let alpha_prev = self.alpha_before(t)?;
 
         let original = self
@@ -92,8 +87,6 @@ impl Scheduler for Ddim {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        let t = timesteps::at(&self.timesteps, step_index)?;
-        self.schedule
-            .add_noise(original, noise, &vec![t; original.dim(0)?])
+        self.steps.add_noise(original, noise, step_index)
     }
 }

@@ -3,15 +3,13 @@
 use candle_core::{Result, Tensor};
 
 use super::config::{PredictionType, SchedulerConfig, VarianceType};
-use super::noise_schedule::NoiseSchedule;
 use super::prediction::{scale, OriginalSampleLimit};
-use super::{timesteps, Scheduler, StepOutput};
+use super::timesteps::DiscreteSteps;
+use super::{Scheduler, StepOutput};
 use crate::rng::NoiseSource;
 
 pub struct Ddpm {
-    schedule: NoiseSchedule,
-    timesteps: Vec<usize>,
-    timesteps_f64: Vec<f64>,
+    steps: DiscreteSteps,
     prediction: PredictionType,
     limit: OriginalSampleLimit,
     variance_type: VarianceType,
@@ -25,11 +23,8 @@ impl Ddpm {
             "scheduler config field \"variance_type\": \"fixed_large_log\" is not supported \
              by DDPM sampling (diffusers produces NaN with it)"
         );
-        let timesteps = timesteps::inference_timesteps(config, num_steps)?;
         Ok(Self {
-            schedule: NoiseSchedule::new(config),
-            timesteps_f64: timesteps.iter().map(|&t| t as f64).collect(),
-            timesteps,
+            steps: DiscreteSteps::new(config, num_steps)?,
             prediction: config.prediction_type,
             limit: OriginalSampleLimit::from_config(config),
             variance_type: config.variance_type,
@@ -94,7 +89,7 @@ impl Ddpm {
 
 impl Scheduler for Ddpm {
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps_f64
+        &self.steps.as_f64
     }
 
     fn step(
@@ -104,12 +99,12 @@ impl Scheduler for Ddpm {
         sample: &Tensor,
         noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput> {
-        let t = timesteps::at(&self.timesteps, step_index)?;
+        let t = self.steps.at(step_index)?;
         let (model_output, predicted_variance) = self.split_variance(model_output, sample)?;
-        let alpha_t = self.schedule.alpha_cumprod(t)?;
+        let alpha_t = self.steps.schedule.alpha_cumprod(t)?;
         // The previous timestep is the next one in the list; after the last, ᾱ = 1.
-        let alpha_prev = match self.timesteps.get(step_index + 1) {
-            Some(&prev) => self.schedule.alpha_cumprod(prev)?,
+        let alpha_prev = match self.steps.timesteps.get(step_index + 1) {
+            Some(&prev) => self.steps.schedule.alpha_cumprod(prev)?,
             None => 1.0,
         };
         let current_alpha = alpha_t / alpha_prev;
@@ -143,8 +138,6 @@ impl Scheduler for Ddpm {
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        let t = timesteps::at(&self.timesteps, step_index)?;
-        self.schedule
-            .add_noise(original, noise, &vec![t; original.dim(0)?])
+        self.steps.add_noise(original, noise, step_index)
     }
 }

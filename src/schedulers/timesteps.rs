@@ -1,9 +1,11 @@
-//! The inference timesteps of diffusers' `set_timesteps`, in the order they are walked.
+//! The inference timesteps of diffusers' `set_timesteps`, in the order they are walked, and the
+//! walk DDIM and DDPM share.
 
 use anyhow::{bail, ensure};
-use candle_core::Result;
+use candle_core::{Result, Tensor};
 
 use super::config::{SchedulerConfig, TimestepSpacing};
+use super::noise_schedule::NoiseSchedule;
 
 /// `num_steps` descending training timesteps picked by `config.timestep_spacing` (DDIM's and
 /// DDPM's default: leading), with numpy's float arithmetic and round-half-to-even.
@@ -163,10 +165,43 @@ pub(super) fn check_step(step_index: usize, steps: usize) -> Result<()> {
     Ok(())
 }
 
-/// `timesteps[step_index]`, or an error naming the step.
-pub(super) fn at(timesteps: &[usize], step_index: usize) -> Result<usize> {
-    check_step(step_index, timesteps.len())?;
-    Ok(timesteps[step_index])
+/// The walk of the samplers that step between training timesteps (DDIM, DDPM): the config's
+/// noise schedule and its [`inference_timesteps`].
+pub(super) struct DiscreteSteps {
+    pub schedule: NoiseSchedule,
+    pub timesteps: Vec<usize>,
+    /// The same timesteps as `Scheduler::timesteps` gives them.
+    pub as_f64: Vec<f64>,
+}
+
+impl DiscreteSteps {
+    pub fn new(config: &SchedulerConfig, num_steps: usize) -> anyhow::Result<Self> {
+        let timesteps = inference_timesteps(config, num_steps)?;
+        Ok(Self {
+            schedule: NoiseSchedule::new(config),
+            as_f64: timesteps.iter().map(|&t| t as f64).collect(),
+            timesteps,
+        })
+    }
+
+    /// The timestep of step `step_index`, or an error naming the step.
+    pub fn at(&self, step_index: usize) -> Result<usize> {
+        check_step(step_index, self.timesteps.len())?;
+        Ok(self.timesteps[step_index])
+    }
+
+    /// `original` noised to the timestep of step `step_index`, every batch row alike
+    /// (diffusers' `add_noise`).
+    pub fn add_noise(
+        &self,
+        original: &Tensor,
+        noise: &Tensor,
+        step_index: usize,
+    ) -> Result<Tensor> {
+        let t = self.at(step_index)?;
+        self.schedule
+            .add_noise(original, noise, &vec![t; original.dim(0)?])
+    }
 }
 
 #[cfg(test)]

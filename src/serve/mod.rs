@@ -123,17 +123,18 @@ impl Drop for Server {
     }
 }
 
-/// `ldm serve`: serves until Ctrl-C or SIGTERM.
-pub fn run(config: &ServeConfig) -> anyhow::Result<()> {
+/// `ldm serve`: serves until Ctrl-C or SIGTERM. `announce` gets the lines for the operator
+/// once the socket is bound (where to connect, and a warning when anyone can).
+pub fn run(config: &ServeConfig, announce: &mut dyn FnMut(&str)) -> anyhow::Result<()> {
     let (state, listener) = prepare(config)?;
     let addr = listener.local_addr()?;
     if !config.host.is_loopback() && state.api_key.is_none() {
-        eprintln!(
+        announce(&format!(
             "warning: listening on {} without --api-key: anyone who reaches this port can use it",
             config.host
-        );
+        ));
     }
-    eprintln!(
+    announce(&format!(
         "ldm serve: model {} on http://{addr}/ (A1111 API at /sdapi/v1, OpenAI API at /v1){}",
         state.selected_model(),
         if state.api_key.is_some() {
@@ -141,7 +142,7 @@ pub fn run(config: &ServeConfig) -> anyhow::Result<()> {
         } else {
             ""
         }
-    );
+    ));
     // Ctrl-C ends the process at once rather than waiting for queued generations.
     runtime()?.block_on(async move {
         tokio::select! {

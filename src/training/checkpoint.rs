@@ -17,6 +17,7 @@ use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::data::DataCursor;
 use super::optim::{AdamW, Ema};
 use crate::durable::{self, remove_dir_if_present, rename};
 use crate::rng::TorchGenerator;
@@ -42,6 +43,27 @@ pub struct TrainState {
     pub rng: Vec<u8>,
     /// Loop-specific settings a resume must agree with (model config, seed, batch size ...).
     pub extra: Value,
+}
+
+impl TrainState {
+    /// A run at `step`, at `cursor` in its data, with `generator` as it stands.
+    pub fn new(step: usize, cursor: DataCursor, generator: &TorchGenerator, extra: &Value) -> Self {
+        Self {
+            step,
+            epoch: cursor.epoch,
+            position_in_epoch: cursor.position_in_epoch,
+            rng: generator.state(),
+            extra: extra.clone(),
+        }
+    }
+
+    /// Where the run is in its data.
+    pub fn cursor(&self) -> DataCursor {
+        DataCursor {
+            epoch: self.epoch,
+            position_in_epoch: self.position_in_epoch,
+        }
+    }
 }
 
 /// `state.json`: the run's state plus the counters of the optimizer and EMA.
@@ -132,13 +154,13 @@ pub fn start(
     ema: Option<&mut Ema>,
 ) -> anyhow::Result<TrainState> {
     if !resume {
-        return Ok(TrainState {
-            step: 0,
-            epoch: 0,
-            position_in_epoch: 0,
-            rng: TorchGenerator::new(seed).state(),
-            extra: identity.clone(),
-        });
+        let generator = TorchGenerator::new(seed);
+        return Ok(TrainState::new(
+            0,
+            DataCursor::default(),
+            &generator,
+            identity,
+        ));
     }
     let state = load_checkpoint(out_dir, vars, optim, ema)?;
     check_same_run(&state.extra, identity, out_dir)?;

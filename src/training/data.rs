@@ -16,6 +16,7 @@ use image::imageops::FilterType;
 use image::{Rgb, RgbImage, RgbaImage};
 use serde::Deserialize;
 
+use super::metrics::TrainObserver;
 use super::SplitMix64;
 
 /// The file HF `imagefolder` reads captions from.
@@ -103,6 +104,13 @@ impl ImageFolder {
 
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
+    }
+
+    /// Tells `observer` of each file left out, and why.
+    pub fn report_skipped(&self, observer: &mut dyn TrainObserver) {
+        for (path, reason) in &self.skipped {
+            observer.on_message(&format!("warning: skipping {}: {reason}", path.display()));
+        }
     }
 
     /// Items `indices` as `[B, 3, R, R]` f32 in [-1, 1] on `device`, with their first captions;
@@ -220,12 +228,7 @@ fn read_sidecar_caption(image: &Path, skipped: &mut Vec<(PathBuf, String)>) -> O
 
 /// Decodes an image of any supported format; transparency is composited on white.
 fn load_rgb_on_white(path: &Path) -> anyhow::Result<RgbImage> {
-    let decoded = image::ImageReader::open(path)
-        .with_context(|| format!("cannot open image {}", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("cannot read image {}", path.display()))?
-        .decode()
-        .with_context(|| format!("cannot decode image {}", path.display()))?;
+    let decoded = crate::image_io::decode_image(path)?;
     if !decoded.color().has_alpha() {
         return Ok(decoded.to_rgb8());
     }

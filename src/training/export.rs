@@ -210,8 +210,33 @@ fn unet_config_json(config: &UNet2DConditionConfig) -> anyhow::Result<Value> {
 }
 
 /// diffusers' `AutoencoderKL` config as `vae/config.json`.
-pub fn vae_config_json(config: &AutoencoderKLConfig) -> anyhow::Result<Value> {
+fn vae_config_json(config: &AutoencoderKLConfig) -> anyhow::Result<Value> {
     diffusers_config_json(config, "AutoencoderKL")
+}
+
+/// Writes a diffusers `vae/` folder (what `train-vae` exports): `config.json` and
+/// `diffusion_pytorch_model.safetensors` (f32), each atomically.
+pub fn export_vae(
+    dir: &Path,
+    config: &AutoencoderKLConfig,
+    weights: &HashMap<String, Tensor>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let weights = weights
+        .iter()
+        .map(|(name, t)| {
+            Ok((
+                name.clone(),
+                t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
+            ))
+        })
+        .collect::<candle_core::Result<_>>()?;
+    super::checkpoint::save_tensors_atomically(
+        &dir.join(format!("{DIFFUSERS_WEIGHTS}.safetensors")),
+        &weights,
+    )?;
+    let text = serde_json::to_string_pretty(&vae_config_json(config)?)? + "\n";
+    durable::write_atomically(&dir.join(CONFIG_FILE), text.as_bytes(), true)
 }
 
 /// transformers' `CLIPTextConfig` as `text_encoder/config.json`.

@@ -2,10 +2,10 @@
 //!
 //! Both trainers share the pieces here: one loop with its stop, checkpoint and sample points
 //! (`driver`), a captioned image folder (`data`), AdamW with warm-up, clipping and EMA (`optim`),
-//! atomic checkpoints that resume bit-for-bit (`checkpoint`), and the loss log, plot and progress
-//! display (`metrics`). Everything random in training (weight
+//! atomic checkpoints that resume bit-for-bit (`checkpoint`), the loss log and plot, and the
+//! observer a loop reports to (`metrics`). Everything random in training (weight
 //! initialisation, data order, flips, noise) is derived from `--seed`, so a resumed run repeats
-//! an uninterrupted one exactly.
+//! an uninterrupted one exactly. Training reports through its observer and never prints.
 
 pub mod checkpoint;
 pub mod data;
@@ -18,8 +18,6 @@ pub mod vae;
 
 use std::collections::HashMap;
 use std::hash::Hasher;
-use std::sync::atomic::AtomicBool;
-use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::init::NormalOrUniform;
@@ -218,24 +216,4 @@ pub fn check_training_dtype(dtype: DType, device: &Device) -> anyhow::Result<()>
         ),
         other => anyhow::bail!("cannot train in {other:?}; use f32, bf16 or f16"),
     }
-}
-
-/// A flag that turns true on Ctrl-C (SIGINT); training loops poll it once per step, save a
-/// checkpoint and return. A second Ctrl-C exits at once (status 130), for when saving hangs.
-/// The handler is installed once per process.
-pub fn interrupt_flag() -> anyhow::Result<&'static AtomicBool> {
-    static FLAG: AtomicBool = AtomicBool::new(false);
-    static INSTALLED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-    INSTALLED
-        .get_or_init(|| {
-            ctrlc::set_handler(|| {
-                if FLAG.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                    std::process::exit(130);
-                }
-            })
-            .map_err(|e| e.to_string())
-        })
-        .clone()
-        .map_err(|e| anyhow::anyhow!("cannot install the Ctrl-C handler: {e}"))?;
-    Ok(&FLAG)
 }

@@ -6,15 +6,16 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use super::LOSS_CSV;
+use super::{TrainObserver, LOSS_CSV};
 
 /// `out_dir/losses.csv` with header `step,<columns>`. On resume, rows after the checkpoint's
 /// step (written by the interrupted run after its last checkpoint) are dropped, so every step
-/// appears once.
+/// appears once, and so are lines that cannot be read (see [`LossLog::malformed_lines`]).
 pub struct LossLog {
     path: PathBuf,
     columns: Vec<String>,
-    rows: Vec<(usize, Vec<f64>)>,
+    rows: Vec<Row>,
+    malformed_lines: Vec<usize>,
     file: File,
 }
 
@@ -28,13 +29,11 @@ impl LossLog {
             .with_context(|| format!("cannot create {}", out_dir.display()))?;
         let path = out_dir.join(LOSS_CSV);
         let columns: Vec<String> = columns.iter().map(|c| c.to_string()).collect();
-        let rows = match resume_from_step {
-            Some(step) if path.exists() => read_rows(&path, &columns)?
-                .into_iter()
-                .filter(|(s, _)| *s <= step)
-                .collect(),
-            _ => Vec::new(),
+        let (mut rows, malformed_lines) = match resume_from_step {
+            Some(_) if path.exists() => read_rows(&path, &columns)?,
+            _ => (Vec::new(), Vec::new()),
         };
+        rows.retain(|(s, _)| resume_from_step.is_some_and(|step| *s <= step));
         let mut text = format!("step,{}\n", columns.join(","));
         for (step, values) in &rows {
             text.push_str(&csv_row(*step, values));
@@ -48,16 +47,30 @@ impl LossLog {
             path,
             columns,
             rows,
+            malformed_lines,
             file,
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The 1-based numbers of the lines of the resumed file that could not be read and were
+    /// left out (a line cut short by a kill is only ever the last one), for the caller to warn
+    /// about.
+    pub fn malformed_lines(&self) -> &[usize] {
+        &self.malformed_lines
+    }
+
+    /// Tells `observer` of each malformed line left out.
+    pub fn report_malformed(&self, observer: &mut dyn TrainObserver) {
+        for line in &self.malformed_lines {
+            observer.on_message(&format!(
+                "warning: ignoring malformed line {line} of {}",
+                self.path.display()
+            ));
+        }
     }
 
     /// All rows so far, including those kept from before a resume.
-    pub fn rows(&self) -> &[(usize, Vec<f64>)] {
+    pub fn rows(&self) -> &[Row] {
         &self.rows
     }
 
@@ -83,12 +96,16 @@ impl LossLog {
     }
 }
 
+/// A step and its values.
+pub type Row = (usize, Vec<f64>);
+
 fn csv_row(step: usize, values: &[f64]) -> String {
     let values: Vec<String> = values.iter().map(|v| format!("{v:e}")).collect();
     format!("{step},{}\n", values.join(","))
 }
 
-fn read_rows(path: &Path, columns: &[String]) -> anyhow::Result<Vec<(usize, Vec<f64>)>> {
+/// The rows of `path`, and the numbers of the lines that are not rows.
+fn read_rows(path: &Path, columns: &[String]) -> anyhow::Result<(Vec<Row>, Vec<usize>)> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut lines = BufReader::new(file).lines();
     let expected = format!("step,{}", columns.join(","));
@@ -98,7 +115,7 @@ fn read_rows(path: &Path, columns: &[String]) -> anyhow::Result<Vec<(usize, Vec<
         "{} has columns {header:?}, expected {expected:?}",
         path.display()
     );
-    let mut rows = Vec::new();
+    let (mut rows, mut malformed) = (Vec::new(), Vec::new());
     for (number, line) in lines.enumerate() {
         let line = line.with_context(|| format!("cannot read {}", path.display()))?;
         let mut fields = line.split(',');
@@ -109,13 +126,8 @@ fn read_rows(path: &Path, columns: &[String]) -> anyhow::Result<Vec<(usize, Vec<
         })();
         match parsed {
             Some(row) => rows.push(row),
-            // A line cut short by a kill is only ever the last one.
-            None => eprintln!(
-                "warning: ignoring malformed line {} of {}",
-                number + 2,
-                path.display()
-            ),
+            None => malformed.push(number + 2),
         }
     }
-    Ok(rows)
+    Ok((rows, malformed))
 }

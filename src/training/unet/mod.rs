@@ -190,9 +190,7 @@ impl<'a> Trainer<'a> {
         );
 
         let images = ImageFolder::open(&cfg.data_dir, resolution)?;
-        for (path, reason) in &images.skipped {
-            observer.on_message(&format!("warning: skipping {}: {reason}", path.display()));
-        }
+        images.report_skipped(observer);
         ensure!(
             images.len() >= cfg.batch_size,
             "{} has {} usable captioned images, fewer than the batch size {}",
@@ -263,11 +261,9 @@ impl<'a> Trainer<'a> {
             observer.on_message(&format!("resuming from step {}", state.step));
         }
         let (step, generator) = (state.step, TorchGenerator::from_state(&state.rng)?);
-        let cursor = DataCursor {
-            epoch: state.epoch,
-            position_in_epoch: state.position_in_epoch,
-        };
+        let cursor = state.cursor();
         let log = LossLog::open(out, &LOSS_COLUMNS, cfg.resume.then_some(step))?;
+        log.report_malformed(observer);
         let sample_prompts = if cfg.samples.prompts.is_empty() {
             default_sample_prompts(&captions)
         } else {
@@ -423,13 +419,7 @@ impl TrainingRun for Trainer<'_> {
 
     /// Saves the checkpoint, exports the pipeline it corresponds to, and redraws the loss plot.
     fn save_checkpoint(&mut self, observer: &mut dyn TrainObserver) -> anyhow::Result<()> {
-        let state = TrainState {
-            step: self.step,
-            epoch: self.cursor.epoch,
-            position_in_epoch: self.cursor.position_in_epoch,
-            rng: self.generator.state(),
-            extra: self.identity.clone(),
-        };
+        let state = TrainState::new(self.step, self.cursor, &self.generator, &self.identity);
         let out = &self.cfg.output_dir;
         checkpoint::save_checkpoint(out, &self.varmap, &self.optim, Some(&self.ema), &state)?;
         self.export()?;

@@ -1,14 +1,20 @@
-//! Batch runs from prompt files: jobs grouped by shape into batched forward passes, each image
-//! saved atomically and recorded in `manifest.jsonl`, so a re-run skips what is done.
+//! Batch runs from prompt files: the file's lines expanded into jobs (`jobs`), grouped by shape
+//! into batched forward passes (`grouping`), each image saved atomically and recorded in
+//! `manifest.jsonl`, so a re-run skips what is done.
+
+mod grouping;
+mod jobs;
 
 use std::path::Path;
 
 use anyhow::Context;
 
+pub use grouping::group_for_batching;
+pub use jobs::{expand_jobs, job_key, Job, JobDefaults};
+
 use super::{ImageJob, Sampling, SourceImage, StableDiffusion};
 use crate::batch_manifest::{Manifest, ManifestEntry};
 use crate::conditioning::PromptOptions;
-use crate::prompt_file::{group_for_batching, job_key, Job};
 use crate::schedulers::SamplerKind;
 
 /// What a batch run did.
