@@ -9,6 +9,7 @@ pub mod batch_manifest;
 pub mod cli;
 pub mod conditioning;
 pub mod config;
+pub mod default_model;
 pub mod device;
 pub mod durable;
 pub mod hex;

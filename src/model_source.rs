@@ -20,9 +20,6 @@ pub const PRESETS: &[(&str, &str)] = &[
     ("sd-turbo", "stabilityai/sd-turbo"),
 ];
 
-/// Environment variable that points the default model elsewhere than `weights/`.
-pub const DEFAULT_MODEL_ENV: &str = "LDM_DEFAULT_MODEL";
-
 /// The weight file stem diffusers gives its models (U-Net, VAE).
 pub const DIFFUSERS_WEIGHTS: &str = "diffusion_pytorch_model";
 /// The weight file stem transformers gives its models (the text encoder).
@@ -52,7 +49,7 @@ impl PipelineFolder {
     /// Resolves `--model`: `None` means the embedded default.
     pub fn resolve(model: Option<&str>, half_precision: bool) -> anyhow::Result<Self> {
         let Some(model) = model else {
-            let dir = default_model_dir();
+            let dir = crate::default_model::dir()?;
             if !dir.join("model_index.json").is_file() {
                 bail!(
                     "no default model in {} yet (see weights/README.md); pass --model with a \
@@ -204,13 +201,6 @@ fn preset_names() -> String {
 fn looks_like_repo_id(s: &str) -> bool {
     let mut parts = s.split('/');
     matches!((parts.next(), parts.next(), parts.next()), (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty())
-}
-
-/// `weights/` of this crate, unless `LDM_DEFAULT_MODEL` points elsewhere.
-pub fn default_model_dir() -> PathBuf {
-    std::env::var_os(DEFAULT_MODEL_ENV)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("weights"))
 }
 
 /// A hub repo seen through the local cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else

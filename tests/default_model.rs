@@ -162,3 +162,72 @@ fn default_model_draws_the_named_emoji_on_white() {
         );
     }
 }
+
+/// An installed binary (copied elsewhere, run from another folder with an empty cache) unpacks
+/// the embedded model once, into a folder named by its hash, and the same seed gives the same
+/// image as the repository's weights; a hand-damaged unpacked folder is replaced.
+#[test]
+fn installed_binary_runs_offline_from_its_embedded_model() {
+    let place = tempfile::tempdir().unwrap();
+    let binary = place.path().join("ldm");
+    std::fs::copy(env!("CARGO_BIN_EXE_ldm"), &binary).unwrap();
+    let cache = place.path().join("cache");
+    let run = |name: &str| {
+        let output = Command::new(&binary)
+            .current_dir(place.path())
+            .args(["txt2img", "a red apple", "--seed", "4", "--steps", "5"])
+            .args(["--output", name])
+            .env_remove("LDM_DEFAULT_MODEL")
+            .env("XDG_CACHE_HOME", &cache)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stderr}");
+        image::open(place.path().join(name)).unwrap().to_rgb8()
+    };
+    let first = run("first.png");
+    let unpacked: Vec<_> = std::fs::read_dir(cache.join("ldm"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(unpacked.len(), 1, "{unpacked:?}");
+    let model = &unpacked[0];
+    assert!(model
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with("default-model-"));
+    let weights = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
+    for file in [
+        "unet/diffusion_pytorch_model.safetensors",
+        "tokenizer/vocab.json",
+    ] {
+        assert_eq!(
+            std::fs::read(model.join(file)).unwrap(),
+            std::fs::read(weights.join(file)).unwrap(),
+            "{file}"
+        );
+    }
+    // Damaged by hand (marker and a weight file gone): replaced on the next run.
+    std::fs::remove_file(model.join(".ldm-complete")).unwrap();
+    std::fs::remove_file(model.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
+    assert_eq!(run("second.png"), first);
+    assert!(model
+        .join("vae/diffusion_pytorch_model.safetensors")
+        .is_file());
+    let repository = Command::new(&binary)
+        .current_dir(place.path())
+        .args(["txt2img", "a red apple", "--seed", "4", "--steps", "5"])
+        .args(["--output", "repository.png"])
+        .env("LDM_DEFAULT_MODEL", &weights)
+        .output()
+        .unwrap();
+    assert!(repository.status.success());
+    assert_eq!(
+        image::open(place.path().join("repository.png"))
+            .unwrap()
+            .to_rgb8(),
+        first
+    );
+}
