@@ -61,3 +61,26 @@ pub fn randn(seed: u64, shape: &[usize], dtype: DType) -> Tensor {
         .to_dtype(dtype)
         .unwrap()
 }
+
+/// The `latents` tensor of a `--save-latents` file.
+pub fn saved_latents(path: &std::path::Path) -> Tensor {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("cannot load {}: {e}", path.display()))
+        .remove("latents")
+        .expect("no latents tensor")
+}
+
+/// Asserts that a PNG is diffusers' `[H, W, 3]` image in [0, 1] rounded to 8 bits: pixels may
+/// differ by one level only where the values are within `tol` of a rounding edge.
+pub fn assert_png_matches(what: &str, png: &std::path::Path, expected: &Tensor, tol: f32) {
+    let png = image::open(png).unwrap().to_rgb8();
+    let (w, h) = png.dimensions();
+    let ours = Tensor::from_vec(png.into_raw(), (h as usize, w as usize, 3), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let ours01 = (ours / 255.0).unwrap();
+    let err = max_abs_diff(&ours01, expected);
+    eprintln!("{what}: max diff to diffusers' [0,1] image {err:.3e}");
+    assert!(err <= 0.5 / 255.0 + tol, "{what}: {err}");
+}
