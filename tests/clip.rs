@@ -195,6 +195,7 @@ fn small_config() -> ClipTextConfig {
         max_position_embeddings: 6,
         hidden_act: Activation::QuickGelu,
         layer_norm_eps: 1e-5,
+        ..Default::default()
     }
 }
 

@@ -97,7 +97,7 @@ fn check_embeddings(name: &str) {
                 chunk.weights
             );
         }
-        let embeddings = encoder.encode(&[prompt], &options).unwrap();
+        let embeddings = encoder.encode(&[prompt], &options).unwrap().hidden;
         common::assert_close(
             &format!("{name} {key} embeddings"),
             &embeddings.squeeze(0).unwrap(),
