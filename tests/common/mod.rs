@@ -84,3 +84,31 @@ pub fn assert_png_matches(what: &str, png: &std::path::Path, expected: &Tensor, 
     eprintln!("{what}: max diff to diffusers' [0,1] image {err:.3e}");
     assert!(err <= 0.5 / 255.0 + tol, "{what}: {err}");
 }
+
+/// Asserts that a command failed with a clear message (no panic) containing every needle.
+pub fn assert_clean_error(output: &std::process::Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "expected failure, got success: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    assert!(!stderr.contains("stack backtrace"), "backtrace: {stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "{needle:?} not in: {stderr}");
+    }
+}
+
+/// Copies a folder, following symlinks (the fixtures share components through them).
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if std::fs::metadata(entry.path()).unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
