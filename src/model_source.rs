@@ -157,7 +157,10 @@ impl PipelineFolder {
             for file in TOKENIZER_FILES {
                 hub.required(&format!("{tokenizer}/{file}"))?;
             }
-            if hub.optional(&format!("{tokenizer}/tokenizer.json")).is_none() {
+            if hub
+                .optional(&format!("{tokenizer}/tokenizer.json"))
+                .is_none()
+            {
                 for file in TOKENIZER_PAIR {
                     hub.required(&format!("{tokenizer}/{file}"))?;
                 }

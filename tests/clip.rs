@@ -278,13 +278,30 @@ fn pooled_output_reads_the_end_token_as_transformers_does() {
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         let model = ClipTextModel::new(vb, &cfg).unwrap();
         let (hidden, pooled) = model.forward_hidden(&ids, 1).unwrap();
-        let last = model.forward(&ids).unwrap().get(0).unwrap().get(position).unwrap();
+        let last = model
+            .forward(&ids)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .get(position)
+            .unwrap();
         let projection = varmap.data().lock().unwrap()["text_projection.weight"].clone();
-        let expected = projection.as_tensor().matmul(&last.unsqueeze(1).unwrap()).unwrap();
+        let expected = projection
+            .as_tensor()
+            .matmul(&last.unsqueeze(1).unwrap())
+            .unwrap();
         let pooled = pooled.expect("a projection model pools");
-        common::assert_close("pooled", &pooled.flatten_all().unwrap(), &expected.flatten_all().unwrap(), 1e-6);
+        common::assert_close(
+            "pooled",
+            &pooled.flatten_all().unwrap(),
+            &expected.flatten_all().unwrap(),
+            1e-6,
+        );
         let skipped = model.forward_with_skip(&ids, 1).unwrap();
-        assert!(common::max_abs_diff(&hidden, &skipped) > 1e-3, "no final LayerNorm on the hidden state");
+        assert!(
+            common::max_abs_diff(&hidden, &skipped) > 1e-3,
+            "no final LayerNorm on the hidden state"
+        );
     }
     assert!(model_without_projection_pools_nothing());
 }

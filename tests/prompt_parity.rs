@@ -124,7 +124,10 @@ fn plain_short_prompts_keep_their_exact_embeddings() {
     for name in ["sd1", "sd2"] {
         let pipe = pipeline(name);
         let prompts = ["blurry, low quality", "a photo of a cat"];
-        let ids = pipe.text_encoders[0].tokenizer.encode_batch(&prompts, &Device::Cpu).unwrap();
+        let ids = pipe.text_encoders[0]
+            .tokenizer
+            .encode_batch(&prompts, &Device::Cpu)
+            .unwrap();
         let before = pipe.text_encoders[0].model.forward(&ids).unwrap();
         let now = pipe.encode_prompts(&prompts).unwrap();
         assert_eq!(common::max_abs_diff(&now, &before), 0.0, "{name}");

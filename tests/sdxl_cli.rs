@@ -21,7 +21,12 @@ fn ldm(args: &[&str], out: &Path) -> Command {
 
 fn tiny_sdxl(extra: &[&str], out: &Path) -> Output {
     let model = common::fixture("tiny-sdxl");
-    let mut args = vec!["txt2img", "a photo of a cat", "--model", model.to_str().unwrap()];
+    let mut args = vec![
+        "txt2img",
+        "a photo of a cat",
+        "--model",
+        model.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra);
     ldm(&args, out).output().unwrap()
 }
@@ -49,7 +54,16 @@ fn sdxl_turbo_preset_loads_from_the_hub_cache_offline() {
     let (hub_out, folder_out) = (dir.path().join("hub"), dir.path().join("folder"));
     std::fs::create_dir_all(&hub_out).unwrap();
     std::fs::create_dir_all(&folder_out).unwrap();
-    let turbo = ["--sampler", "euler_a", "--guidance-scale", "0", "-W", "64", "-H", "64"];
+    let turbo = [
+        "--sampler",
+        "euler_a",
+        "--guidance-scale",
+        "0",
+        "-W",
+        "64",
+        "-H",
+        "64",
+    ];
     let mut args = vec!["txt2img", "a photo of a cat", "--model", "sdxl-turbo"];
     args.extend_from_slice(&turbo);
     let output = ldm(&args, &hub_out)
@@ -59,7 +73,12 @@ fn sdxl_turbo_preset_loads_from_the_hub_cache_offline() {
         .unwrap();
     succeeded(&output);
     let model = common::fixture("tiny-sdxl-turbo");
-    let mut args = vec!["txt2img", "a photo of a cat", "--model", model.to_str().unwrap()];
+    let mut args = vec![
+        "txt2img",
+        "a photo of a cat",
+        "--model",
+        model.to_str().unwrap(),
+    ];
     args.extend_from_slice(&turbo);
     succeeded(&ldm(&args, &folder_out).output().unwrap());
     let latents = |dir: &Path| common::saved_latents(&dir.join("latents.safetensors"));
@@ -80,7 +99,10 @@ fn sdxl_turbo_preset_loads_from_the_hub_cache_offline() {
         .unwrap();
     assert_clean_error(
         &output,
-        &["stabilityai/stable-diffusion-xl-base-1.0", "model_index.json"],
+        &[
+            "stabilityai/stable-diffusion-xl-base-1.0",
+            "model_index.json",
+        ],
     );
 }
 
@@ -96,7 +118,14 @@ fn bf16_on_the_cpu_tracks_f32() {
     let full = common::saved_latents(&f32_dir.path().join("latents.safetensors"));
     let half = common::saved_latents(&bf16_dir.path().join("latents.safetensors"));
     let rms = |t: &candle_core::Tensor| {
-        t.sqr().unwrap().mean_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap()
+        t.sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     };
     let relative = rms(&(&half - &full).unwrap()) / rms(&full);
     eprintln!(
@@ -133,11 +162,8 @@ fn bad_sdxl_input_is_a_clear_error() {
         index.replace("StableDiffusionXLPipeline", "StableDiffusionPipeline"),
     )
     .unwrap();
-    let output = ldm(
-        &["txt2img", "x", "--model", broken.to_str().unwrap()],
-        out,
-    )
-    .output()
-    .unwrap();
+    let output = ldm(&["txt2img", "x", "--model", broken.to_str().unwrap()], out)
+        .output()
+        .unwrap();
     assert_clean_error(&output, &["text/time conditioning"]);
 }

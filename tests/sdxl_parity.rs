@@ -69,7 +69,10 @@ fn command_for(model: &str, json: &serde_json::Value, out: &Path) -> Command {
         }
     }
     if let Some(crop) = call.get("crops_coords_top_left") {
-        cmd.args(["--crops-coords-top-left", &format!("{},{}", crop[0], crop[1])]);
+        cmd.args([
+            "--crops-coords-top-left",
+            &format!("{},{}", crop[0], crop[1]),
+        ]);
     }
     for (key, flag) in [("image_path", "--image"), ("mask_path", "--mask")] {
         if let Some(path) = json.get(key) {

@@ -174,9 +174,13 @@ fn parse_pair(text: &str, separator: char) -> Result<(usize, usize), String> {
     match text.split_once(separator) {
         Some((a, b)) => match (parse(a), parse(b)) {
             (Some(a), Some(b)) => Ok((a, b)),
-            _ => Err(format!("{text:?} is not two whole numbers separated by {separator:?}")),
+            _ => Err(format!(
+                "{text:?} is not two whole numbers separated by {separator:?}"
+            )),
         },
-        None => Err(format!("{text:?} is not two whole numbers separated by {separator:?}")),
+        None => Err(format!(
+            "{text:?} is not two whole numbers separated by {separator:?}"
+        )),
     }
 }
 
@@ -283,7 +287,11 @@ impl OutputArgs {
         Ok(())
     }
 
-    pub(super) fn write_images(&self, generated: &Generated, paths: &[PathBuf]) -> anyhow::Result<()> {
+    pub(super) fn write_images(
+        &self,
+        generated: &Generated,
+        paths: &[PathBuf],
+    ) -> anyhow::Result<()> {
         for ((image, info), path) in generated.images.iter().zip(&generated.infos).zip(paths) {
             crate::image_io::save_png(image, path, &info.to_infotext(), self.overwrite)?;
             println!("{}", path.display());
@@ -301,7 +309,6 @@ impl OutputArgs {
         Ok(())
     }
 }
-
 
 /// `out.png`, 2 -> `out-2.png`.
 fn numbered(path: &Path, index: usize) -> PathBuf {
@@ -467,7 +474,6 @@ pub struct InpaintArgs {
     pub output: OutputArgs,
 }
 
-
 #[derive(Debug, Args)]
 pub struct BatchCommandArgs {
     /// Prompt file: one prompt per line (# comments), or JSON Lines with per-line overrides
@@ -500,4 +506,3 @@ pub struct BatchCommandArgs {
     #[arg(short, long)]
     pub quiet: bool,
 }
-

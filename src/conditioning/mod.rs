@@ -95,7 +95,6 @@ pub struct PromptEncoder<'a> {
 }
 
 impl PromptEncoder<'_> {
-
     /// A prompt's weighted pieces, or the whole text at weight 1 when syntax is off; LoRA tags
     /// (`<lora:NAME:WEIGHT>`) are removed either way.
     pub fn pieces(prompt: &str, options: &PromptOptions) -> anyhow::Result<Vec<Piece>> {
@@ -116,7 +115,9 @@ impl PromptEncoder<'_> {
     }
 
     fn first(&self) -> anyhow::Result<&TextEncoder> {
-        self.encoders.first().context("the pipeline has no text encoder")
+        self.encoders
+            .first()
+            .context("the pipeline has no text encoder")
     }
 
     /// The clip skips the encoders allow: 1 to the layer count of the shallowest (SD), one

@@ -316,7 +316,9 @@ impl ClipTextModel {
 
     /// `[batch, hidden]`: each row's state at its end token, found as transformers does.
     fn at_end_tokens(&self, states: &Tensor, input_ids: &Tensor) -> Result<Tensor> {
-        let ids = input_ids.to_dtype(candle_core::DType::U32)?.to_vec2::<u32>()?;
+        let ids = input_ids
+            .to_dtype(candle_core::DType::U32)?
+            .to_vec2::<u32>()?;
         let rows = ids
             .iter()
             .enumerate()

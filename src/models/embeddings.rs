@@ -117,7 +117,11 @@ impl TextTimeEmbedding {
 
     /// `[batch, time_embed_dim]` in `dtype` for `text_embeds` `[batch, P]` and `time_ids`
     /// `[batch, K]` (`P + K · addition_time_embed_dim` must be the MLP's input width).
-    pub fn forward(&self, added: &crate::models::unet::AddedConditioning, dtype: DType) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        added: &crate::models::unet::AddedConditioning,
+        dtype: DType,
+    ) -> Result<Tensor> {
         let (batch, text_dim) = added.text_embeds.dims2()?;
         let (time_batch, count) = added.time_ids.dims2()?;
         let width = text_dim + count * self.time_proj.num_channels;

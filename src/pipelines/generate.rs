@@ -13,8 +13,8 @@ use image::RgbImage;
 
 use super::{DenoiseSpec, InpaintGuide, PipelineKind, StableDiffusion};
 use crate::conditioning::PromptOptions;
-use crate::models::unet::AddedConditioning;
 use crate::infotext::GenerationInfo;
+use crate::models::unet::AddedConditioning;
 use crate::rng::{BatchNoise, NoiseSource};
 use crate::schedulers::{self, SamplerKind, Scheduler};
 
@@ -264,7 +264,13 @@ impl StableDiffusion {
             let keep: Vec<f32> = prompts
                 .iter()
                 .enumerate()
-                .map(|(i, p)| if i < jobs.len() && p.is_empty() { 0.0 } else { 1.0 })
+                .map(|(i, p)| {
+                    if i < jobs.len() && p.is_empty() {
+                        0.0
+                    } else {
+                        1.0
+                    }
+                })
                 .collect();
             let keep = Tensor::new(keep.as_slice(), &self.device)?.to_dtype(hidden.dtype())?;
             hidden = hidden.broadcast_mul(&keep.reshape(((), 1, 1))?)?;

@@ -18,7 +18,9 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::conditioning::{EncoderStyle, PromptEmbeddings, PromptEncoder, PromptOptions, TextEncoder};
+use crate::conditioning::{
+    EncoderStyle, PromptEmbeddings, PromptEncoder, PromptOptions, TextEncoder,
+};
 use crate::lora::{merge_into, Component, LoraFile, LoraSpec};
 use crate::model_source::{var_builder, PipelineFolder};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
@@ -116,7 +118,11 @@ impl StableDiffusion {
             unet_config.has_text_time() == (text_encoders.len() == 2),
             "{}: the U-Net {} SDXL's added text/time conditioning but the pipeline is {}",
             folder.root.display(),
-            if unet_config.has_text_time() { "takes" } else { "lacks" },
+            if unet_config.has_text_time() {
+                "takes"
+            } else {
+                "lacks"
+            },
             index.class_name
         );
 
@@ -228,8 +234,15 @@ fn load_text_encoder(
     let half = dtype != DType::F32;
     let tokenizer = PromptTokenizer::from_dir(&folder.root.join(tokenizer))?;
     let config = ClipTextConfig::from_file(&folder.config(encoder))?;
-    let vb = lora_weights(&folder.weights(encoder, half)?, component, loras, dtype, device)?;
-    let model = ClipTextModel::new(vb, &config).with_context(|| component_error(folder, encoder))?;
+    let vb = lora_weights(
+        &folder.weights(encoder, half)?,
+        component,
+        loras,
+        dtype,
+        device,
+    )?;
+    let model =
+        ClipTextModel::new(vb, &config).with_context(|| component_error(folder, encoder))?;
     Ok(TextEncoder { tokenizer, model })
 }
 

@@ -260,4 +260,3 @@ impl UpBlock {
         Ok(xs)
     }
 }
-

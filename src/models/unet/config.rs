@@ -353,16 +353,16 @@ impl UNet2DConditionConfig {
         reject_if_set("num_class_embeds", &self.num_class_embeds)?;
         match self.addition_embed_type.as_deref() {
             None => {}
-            Some(TEXT_TIME) => {
+            Some(TEXT_TIME)
                 if self.addition_time_embed_dim.is_none()
-                    || self.projection_class_embeddings_input_dim.is_none()
-                {
-                    bail!(
-                        "UNet config: addition_embed_type \"text_time\" needs \
-                         addition_time_embed_dim and projection_class_embeddings_input_dim"
-                    );
-                }
+                    || self.projection_class_embeddings_input_dim.is_none() =>
+            {
+                bail!(
+                    "UNet config: addition_embed_type \"text_time\" needs \
+                     addition_time_embed_dim and projection_class_embeddings_input_dim"
+                );
             }
+            Some(TEXT_TIME) => {}
             Some(other) => return Err(unsupported("addition_embed_type", other)),
         }
         reject_if_set("encoder_hid_dim", &self.encoder_hid_dim)?;
