@@ -417,3 +417,79 @@ fn block_has_cross_attention(name: &str, cross: &str, plain: &str) -> Result<boo
         bail!("unsupported U-Net block type {name:?} (supported: {cross}, {plain})")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A three-block SDXL-like config: a first block without attention, then two with.
+    fn config(depths: &str, reverse: Option<&str>) -> UNet2DConditionConfig {
+        let reverse = reverse.map_or(String::new(), |r| {
+            format!(r#", "reverse_transformer_layers_per_block": {r}"#)
+        });
+        let json = format!(
+            r#"{{"block_out_channels": [16, 32, 32], "layers_per_block": 2,
+                "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                "transformer_layers_per_block": {depths}{reverse}}}"#
+        );
+        serde_json::from_str(&json).unwrap()
+    }
+
+    #[test]
+    fn transformer_depths_expand_per_block_and_per_layer() {
+        let layout = config("2", None).layout().unwrap();
+        assert_eq!(layout.down_transformers, [vec![], vec![2, 2], vec![2, 2]]);
+        assert_eq!(layout.up_transformers, [vec![2; 3], vec![2; 3], vec![]]);
+        assert_eq!(layout.mid_transformers, Some(vec![2]));
+
+        // A per-block list: the up blocks mirror it, the mid block takes the last entry.
+        let layout = config("[1, 2, 10]", None).layout().unwrap();
+        assert_eq!(layout.down_transformers, [vec![], vec![2, 2], vec![10, 10]]);
+        assert_eq!(layout.up_transformers, [vec![10; 3], vec![2; 3], vec![]]);
+        assert_eq!(layout.mid_transformers, Some(vec![10]));
+
+        // Nested lists give each layer its depth; the up blocks' come from the reverse list.
+        let layout = config("[1, [1, 2], [3, 4]]", Some("[[5, 6, 7], 2, 1]"))
+            .layout()
+            .unwrap();
+        assert_eq!(layout.down_transformers, [vec![], vec![1, 2], vec![3, 4]]);
+        assert_eq!(layout.up_transformers, [vec![5, 6, 7], vec![2; 3], vec![]]);
+        assert_eq!(layout.mid_transformers, Some(vec![3]));
+    }
+
+    #[test]
+    fn inconsistent_transformer_depths_are_errors() {
+        let error = |c: UNet2DConditionConfig| c.layout().unwrap_err().to_string();
+        assert!(error(config("[1, 2]", None)).contains("2 entries but there are 3"));
+        assert!(error(config("[1, [1, 2], 3]", None)).contains("reverse_transformer_layers"));
+        let wrong_layers = error(config("[1, [1, 2, 3], 3]", Some("[3, 2, 1]")));
+        assert!(
+            wrong_layers.contains("3 transformer depths for 2 layers"),
+            "{wrong_layers}"
+        );
+        let short_reverse = error(config("[1, 2, 3]", Some("[3, 2]")));
+        assert!(short_reverse.contains("2 entries but there are 3 up blocks"));
+    }
+
+    #[test]
+    fn text_time_needs_its_dimensions_and_other_additions_are_refused() {
+        let mut cfg = config("1", None);
+        cfg.addition_embed_type = Some(TEXT_TIME.to_string());
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("addition_time_embed_dim"));
+        cfg.addition_time_embed_dim = Some(256);
+        cfg.projection_class_embeddings_input_dim = Some(2816);
+        cfg.validate().unwrap();
+        assert!(cfg.has_text_time());
+        cfg.addition_embed_type = Some("image".to_string());
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("addition_embed_type"));
+    }
+}
