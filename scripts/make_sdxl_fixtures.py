@@ -15,6 +15,8 @@ Output:
                       without attention; a new tiny VAE (scaling 0.13025, force_upcast); EulerDiscreteScheduler
                       with SDXL base's config; force_zeros_for_empty_prompt true.
     tiny-sdxl-turbo/  the same components (symlinks) with SDXL-Turbo's scheduler (EulerAncestral, trailing).
+    tiny-sdxl-inpaint/ StableDiffusionXLInpaintPipeline: a 9-channel U-Net (otherwise tiny-sdxl's config), the
+                      other components tiny-sdxl's (symlinks).
     cases/sdxl_*.safetensors + .json: end-to-end runs (final latents, image, first U-Net call's conditioning).
 """
 
@@ -43,12 +45,15 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 FIXTURES = mf.FIXTURES
 SDXL, TURBO, CASES = FIXTURES / "tiny-sdxl", FIXTURES / "tiny-sdxl-turbo", mf.CASES
-SEEDS = {"text_encoder_2": (110, 210), "vae": (111, 211), "unet": (112, 212)}
+INPAINT = FIXTURES / "tiny-sdxl-inpaint"
+SEEDS = {"text_encoder_2": (110, 210), "vae": (111, 211), "unet": (112, 212), "unet_inpaint": (113, 213)}
 SIZE = mf.SIZE  # 64 px, latents 32x32 (vae factor 2)
 
+# SDXL base's scheduler_config.json, keys of other schedulers included (DDIM built from it does not clip).
 SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
-                      interpolation_type="linear", use_karras_sigmas=False)
+                      interpolation_type="linear", use_karras_sigmas=False, clip_sample=False,
+                      set_alpha_to_one=False, sample_max_value=1.0, skip_prk_steps=True, trained_betas=None)
 TURBO_SCHEDULER = dict(SDXL_SCHEDULER, timestep_spacing="trailing")
 
 TEXT_2 = dict(hidden_size=16, intermediate_size=40, num_hidden_layers=3, num_attention_heads=2, projection_dim=24,
@@ -90,7 +95,7 @@ def link(folder, component, target):
 
 
 def save_pipelines():
-    for folder in (SDXL, TURBO):
+    for folder in (SDXL, TURBO, INPAINT):
         if folder.exists():
             shutil.rmtree(folder)
     te1 = CLIPTextModel.from_pretrained(str(mf.SD1 / "text_encoder"), dtype=torch.float16)
@@ -100,22 +105,30 @@ def save_pipelines():
         text_encoder=te1, text_encoder_2=build_text_encoder_2(),
         tokenizer=CLIPTokenizer.from_pretrained(str(mf.SD1 / "tokenizer")),
         tokenizer_2=CLIPTokenizer.from_pretrained(str(mf.SD2 / "tokenizer")),
-        unet=build(UNet2DConditionModel, "unet", **UNET), scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+        unet=build(UNet2DConditionModel, "unet", **UNET), scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
         force_zeros_for_empty_prompt=True, add_watermarker=False)
     pipe.save_pretrained(str(SDXL), safe_serialization=True)
     # Shared with the SD fixtures: the same tensors, kept once.
     link(SDXL, "text_encoder", "../tiny-sd1/text_encoder")
     link(SDXL, "tokenizer", "../tiny-sd1/tokenizer")
     link(SDXL, "tokenizer_2", "../tiny-sd2/tokenizer")
+    shared = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
+    index = json.loads((SDXL / "model_index.json").read_text())
     TURBO.mkdir()
-    for component in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae"):
+    for component in shared + ("unet",):
         link(TURBO, component, f"../tiny-sdxl/{component}")
     (TURBO / "scheduler").mkdir()
     turbo_scheduler = EulerAncestralDiscreteScheduler.from_config(TURBO_SCHEDULER)
     turbo_scheduler.save_config(str(TURBO / "scheduler"))
-    index = json.loads((SDXL / "model_index.json").read_text())
-    index["scheduler"] = ["diffusers", "EulerAncestralDiscreteScheduler"]
-    (TURBO / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    turbo_index = dict(index, scheduler=["diffusers", "EulerAncestralDiscreteScheduler"])
+    (TURBO / "model_index.json").write_text(json.dumps(turbo_index, indent=2, sort_keys=True) + "\n")
+    INPAINT.mkdir()
+    for component in shared + ("scheduler",):
+        link(INPAINT, component, f"../tiny-sdxl/{component}")
+    build(UNet2DConditionModel, "unet_inpaint", **dict(UNET, in_channels=9)).save_pretrained(
+        str(INPAINT / "unet"), safe_serialization=True)
+    inpaint_index = dict(index, _class_name="StableDiffusionXLInpaintPipeline", requires_aesthetics_score=False)
+    (INPAINT / "model_index.json").write_text(json.dumps(inpaint_index, indent=2, sort_keys=True) + "\n")
 
 
 def load(cls, folder):
@@ -156,7 +169,7 @@ def run_case(name, pipe, description, seeds, call, extra_meta=None):
     mf.save_case(name, tensors, meta)
 
 
-def cases(sdxl, turbo):
+def cases(sdxl, turbo, inpaint9):
     base = dict(prompt=mf.PROMPT, height=SIZE, width=SIZE, guidance_scale=5.0, num_inference_steps=4)
     image = {"image_path": "cases/test_image_64.png"}
     ddim = DDIMScheduler.from_config(sdxl.scheduler.config)
@@ -190,6 +203,12 @@ def cases(sdxl, turbo):
              "StableDiffusionXLInpaintPipeline on tiny-sdxl (4-channel U-Net: blending), DDIM, strength 0.75.",
              [2005], dict(base, image=mf.load_test_image(), mask_image=mf.load_test_mask(), strength=0.75),
              {**image, "mask_path": "cases/test_mask_64.png"})
+    inpaint9.scheduler = ddim
+    run_case("sdxl_inpaint_9ch_ddim", inpaint9,
+             "StableDiffusionXLInpaintPipeline on tiny-sdxl-inpaint (9-channel U-Net: mask and masked-image "
+             "latents as input channels), DDIM, strength 1.0 (pure noise, the image is not encoded).",
+             [2007], dict(base, image=mf.load_test_image(), mask_image=mf.load_test_mask(), strength=1.0),
+             {**image, "mask_path": "cases/test_mask_64.png"})
     run_case("sdxl_turbo_1step", turbo,
              "tiny-sdxl-turbo: EulerAncestral with trailing spacing, one step, guidance_scale 0 (no unconditional "
              "pass).", [2006], dict(base, guidance_scale=0.0, num_inference_steps=1))
@@ -203,10 +222,12 @@ def main():
         path.unlink()
     save_pipelines()
     sdxl, turbo = load(StableDiffusionXLPipeline, SDXL), load(StableDiffusionXLPipeline, TURBO)
+    inpaint9 = load(StableDiffusionXLInpaintPipeline, INPAINT)
+    assert inpaint9.unet.config.in_channels == 9
     assert sdxl.tokenizer.pad_token_id == 49407 and sdxl.tokenizer_2.pad_token_id == 0
     assert sdxl.text_encoder_2.config.eos_token_id == 2 and sdxl.vae_scale_factor == 2
     assert list(sdxl.unet.config.transformer_layers_per_block) == [1, 1, 2]
-    cases(sdxl, turbo)
+    cases(sdxl, turbo, inpaint9)
     mf.write_manifest()
     print("done")
 

@@ -131,6 +131,7 @@ sdxl_cases! {
     sdxl_txt2img_dpmpp_2m_microcond: "tiny-sdxl",
     sdxl_img2img_ddim: "tiny-sdxl",
     sdxl_inpaint_ddim: "tiny-sdxl",
+    sdxl_inpaint_9ch_ddim: "tiny-sdxl-inpaint",
     sdxl_turbo_1step: "tiny-sdxl-turbo",
 }
 
