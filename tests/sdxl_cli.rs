@@ -135,6 +135,46 @@ fn bf16_on_the_cpu_tracks_f32() {
     assert!(relative < 0.1, "relative RMS difference {relative}");
 }
 
+/// A prompt file through `ldm batch`, batched two per pass, makes the images single runs make.
+#[test]
+fn prompt_files_run_sdxl() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(&prompts, "a photo of a cat\na red apple\n").unwrap();
+    let batch_dir = dir.path().join("batch");
+    let output = Command::new(env!("CARGO_BIN_EXE_ldm"))
+        .arg("batch")
+        .arg(&prompts)
+        .arg("--model")
+        .arg(common::fixture("tiny-sdxl"))
+        .args(["--device", "cpu", "--quiet", "--seed", "5", "--steps", "2"])
+        .args(["--batch-size", "2", "--sampler", "euler_a"])
+        .arg("--output-dir")
+        .arg(&batch_dir)
+        .output()
+        .unwrap();
+    succeeded(&output);
+    let mut pngs: Vec<_> = std::fs::read_dir(&batch_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .collect();
+    pngs.sort();
+    assert_eq!(pngs.len(), 2, "{pngs:?}");
+    let single = dir.path().join("single");
+    std::fs::create_dir_all(&single).unwrap();
+    succeeded(&tiny_sdxl(&["--sampler", "euler_a"], &single));
+    let single = image::open(single.join("image.png")).unwrap().to_rgb8();
+    let from_batch: Vec<_> = pngs
+        .iter()
+        .map(|p| image::open(p).unwrap().to_rgb8())
+        .collect();
+    assert!(
+        from_batch.contains(&single),
+        "the prompt file's cat differs from the single run's"
+    );
+}
+
 #[test]
 fn bad_sdxl_input_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -151,6 +191,19 @@ fn bad_sdxl_input_is_a_clear_error() {
         &tiny_sdxl(&["--crops-coords-top-left", "a,b"], out),
         &["--crops-coords-top-left"],
     );
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(&prompts, "a photo of a cat\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_ldm"))
+        .args(["txt2img", "--device", "cpu", "--target-size", "32x32"])
+        .arg("--model")
+        .arg(common::fixture("tiny-sdxl"))
+        .arg("--from-file")
+        .arg(&prompts)
+        .arg("--output-dir")
+        .arg(dir.path().join("batch"))
+        .output()
+        .unwrap();
+    assert_clean_error(&output, &["prompt files use diffusers' defaults"]);
     // tiny-sdxl's encoders have 4 and 3 layers.
     assert_clean_error(&tiny_sdxl(&["--clip-skip", "4"], out), &["clip skip 4"]);
     // An SDXL U-Net refuses a pipeline without its second encoder.

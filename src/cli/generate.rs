@@ -210,6 +210,12 @@ fn batch(
     source: &SourceArgs,
 ) -> anyhow::Result<()> {
     let (file, args, quiet) = (run.file, run.args, run.quiet);
+    if sampling.micro != Default::default() {
+        bail!(
+            "--original-size, --crops-coords-top-left and --target-size apply to single runs: \
+             prompt files use diffusers' defaults (each image's own size, no crop)"
+        );
+    }
     let defaults = JobDefaults {
         negative_prompt: sampling_args.negative_prompt.clone(),
         // A fixed base seed keeps re-runs resumable: a random one would make every job new.
