@@ -142,11 +142,7 @@ fn check_case(case: &Case) {
         String::from_utf8_lossy(&output.stderr)
     );
 
-    let latents =
-        candle_core::safetensors::load(out.path().join("latents.safetensors"), &Device::Cpu)
-            .unwrap()
-            .remove("latents")
-            .unwrap();
+    let latents = common::saved_latents(&out.path().join("latents.safetensors"));
     common::assert_close(
         &format!("{} final latents", case.name),
         &latents,

@@ -20,7 +20,7 @@ use crate::shard::Shard;
 #[derive(Debug, Args)]
 pub struct ModelArgs {
     /// Pipeline to use: a local diffusers folder, a hub repo id (owner/name) or a preset
-    /// (sd15, sd21, sd21-base, sd-turbo). Default: the embedded ldm model in weights/.
+    /// (sd15, sd21, sd21-base, sd-turbo, sdxl, sdxl-turbo). Default: the embedded ldm model in weights/.
     #[arg(short, long, value_name = "MODEL")]
     pub model: Option<String>,
 
