@@ -177,6 +177,10 @@ def cases(sdxl, turbo, inpaint9):
     run_case("sdxl_txt2img_ddim", sdxl,
              "tiny-sdxl, DDIM, no negative prompt: force_zeros_for_empty_prompt makes the negative embeddings and "
              "pooled embeddings zeros; add_time_ids (64, 64, 0, 0, 64, 64).", [2000], base)
+    run_case("sdxl_txt2img_ddim_clip_skip", sdxl,
+             "tiny-sdxl, DDIM, clip_skip 1: both encoders' hidden_states[-3] (A1111's clip skip 2); no negative "
+             "prompt (zeros), since diffusers reads a negative prompt at hidden_states[-2] whatever clip_skip.",
+             [2008], dict(base, clip_skip=1))
     sdxl.scheduler = EulerAncestralDiscreteScheduler.from_config(ddim.config)
     run_case("sdxl_txt2img_euler_a", sdxl,
              "tiny-sdxl, Euler a, a real negative prompt (encoded by both encoders), two images with one generator "

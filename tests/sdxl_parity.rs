@@ -58,6 +58,7 @@ macro_rules! sdxl_cases {
 
 sdxl_cases! {
     sdxl_txt2img_ddim: "tiny-sdxl",
+    sdxl_txt2img_ddim_clip_skip: "tiny-sdxl",
     sdxl_txt2img_euler_a: "tiny-sdxl",
     sdxl_txt2img_dpmpp_2m_microcond: "tiny-sdxl",
     sdxl_img2img_ddim: "tiny-sdxl",

@@ -184,6 +184,10 @@ pub fn parity_command(
             cmd.args([flag, &format!("{}x{}", size[1], size[0])]);
         }
     }
+    // diffusers' clip_skip counts the layers skipped; ldm's --clip-skip is A1111's, one more.
+    if let Some(skip) = call.get("clip_skip").and_then(|s| s.as_u64()) {
+        cmd.args(["--clip-skip", &(skip + 1).to_string()]);
+    }
     if let Some(crop) = call.get("crops_coords_top_left") {
         cmd.args([
             "--crops-coords-top-left",
