@@ -12,7 +12,7 @@ use candle_core::{DType, Tensor};
 use image::RgbImage;
 
 use super::{DenoiseSpec, InpaintGuide, PipelineKind, StableDiffusion};
-use crate::conditioning::PromptOptions;
+use crate::conditioning::{PromptEmbeddings, PromptOptions};
 use crate::infotext::GenerationInfo;
 use crate::models::unet::AddedConditioning;
 use crate::rng::{BatchNoise, NoiseSource};
@@ -249,29 +249,35 @@ impl StableDiffusion {
             positives.collect()
         };
         let embeddings = self.encode_prompts_with(&prompts, options)?;
-        let PipelineKind::StableDiffusionXl {
-            force_zeros_for_empty_prompt,
-        } = self.kind
-        else {
-            return Ok((embeddings.hidden, None));
-        };
+        match self.kind {
+            PipelineKind::StableDiffusion => Ok((embeddings.hidden, None)),
+            PipelineKind::StableDiffusionXl {
+                force_zeros_for_empty_prompt,
+            } => {
+                // diffusers conditions on zeros when no negative prompt is given.
+                let zero_negatives = guided && force_zeros_for_empty_prompt;
+                let zeroed: Vec<bool> = (0..prompts.len())
+                    .map(|i| zero_negatives && i < jobs.len() && prompts[i].is_empty())
+                    .collect();
+                self.sdxl_conditioning(embeddings, &zeroed, sampling)
+            }
+        }
+    }
+
+    /// SDXL's hidden states and added conditioning (pooled embeddings, time ids), with the
+    /// rows marked in `zeroed` set to zeros.
+    fn sdxl_conditioning(
+        &self,
+        embeddings: PromptEmbeddings,
+        zeroed: &[bool],
+        sampling: &Sampling,
+    ) -> anyhow::Result<(Tensor, Option<AddedConditioning>)> {
         let Some(mut pooled) = embeddings.pooled else {
             bail!("SDXL conditioning without pooled text embeddings");
         };
         let mut hidden = embeddings.hidden;
-        if guided && force_zeros_for_empty_prompt {
-            // diffusers conditions on zeros when no negative prompt is given.
-            let keep: Vec<f32> = prompts
-                .iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    if i < jobs.len() && p.is_empty() {
-                        0.0
-                    } else {
-                        1.0
-                    }
-                })
-                .collect();
+        if zeroed.contains(&true) {
+            let keep: Vec<f32> = zeroed.iter().map(|&z| if z { 0.0 } else { 1.0 }).collect();
             let keep = Tensor::new(keep.as_slice(), &self.device)?.to_dtype(hidden.dtype())?;
             hidden = hidden.broadcast_mul(&keep.reshape(((), 1, 1))?)?;
             pooled = pooled.broadcast_mul(&keep.reshape(((), 1))?)?;
@@ -280,7 +286,7 @@ impl StableDiffusion {
         let time_ids = Tensor::new(&time_ids, &self.device)?
             .to_dtype(self.dtype)?
             .unsqueeze(0)?
-            .repeat((prompts.len(), 1))?;
+            .repeat((zeroed.len(), 1))?;
         let added = AddedConditioning {
             text_embeds: pooled.to_dtype(self.dtype)?,
             time_ids,
