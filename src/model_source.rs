@@ -2,7 +2,8 @@
 //! the embedded default model in `weights/`.
 //!
 //! Whatever the source, the result is a local folder in the diffusers layout
-//! (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`).
+//! (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`, and for
+//! SDXL `text_encoder_2/`, `tokenizer_2/`).
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +19,8 @@ pub const PRESETS: &[(&str, &str)] = &[
     ("sd21", "stabilityai/stable-diffusion-2-1"),
     ("sd21-base", "stabilityai/stable-diffusion-2-1-base"),
     ("sd-turbo", "stabilityai/sd-turbo"),
+    ("sdxl", "stabilityai/stable-diffusion-xl-base-1.0"),
+    ("sdxl-turbo", "stabilityai/sdxl-turbo"),
 ];
 
 /// The weight file stem diffusers gives its models (U-Net, VAE).
@@ -30,13 +33,56 @@ pub const COMPONENTS: &[(&str, &str)] = &[
     ("unet", DIFFUSERS_WEIGHTS),
     ("vae", DIFFUSERS_WEIGHTS),
     ("text_encoder", TRANSFORMERS_WEIGHTS),
+    ("text_encoder_2", TRANSFORMERS_WEIGHTS),
 ];
 
-const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer/tokenizer_config.json",
-    "tokenizer/special_tokens_map.json",
+const TOKENIZER_FILES: &[&str] = &["tokenizer_config.json", "special_tokens_map.json"];
+const TOKENIZER_PAIR: &[&str] = &["vocab.json", "merges.txt"];
+
+/// The pipeline classes of SDXL's base model, img2img and inpainting variants.
+const SDXL_PIPELINES: &[&str] = &[
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
 ];
-const TOKENIZER_PAIR: &[&str] = &["tokenizer/vocab.json", "tokenizer/merges.txt"];
+
+/// `model_index.json`: which pipeline a folder holds, and its pipeline-level config.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct ModelIndex {
+    #[serde(rename = "_class_name", default)]
+    pub class_name: String,
+    /// SDXL: an empty negative prompt conditions on zeros instead of its embeddings
+    /// (diffusers' default when the file does not say).
+    #[serde(default = "default_true")]
+    pub force_zeros_for_empty_prompt: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl ModelIndex {
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        crate::config::read_json(path)
+    }
+
+    /// Whether the folder is an SDXL pipeline (two text encoders, added conditioning).
+    pub fn is_sdxl(&self) -> bool {
+        SDXL_PIPELINES.contains(&self.class_name.as_str())
+    }
+
+    /// The text encoders and their tokenizers, in the order their embeddings are joined.
+    pub fn text_encoders(&self) -> &'static [(&'static str, &'static str)] {
+        if self.is_sdxl() {
+            &[
+                ("text_encoder", "tokenizer"),
+                ("text_encoder_2", "tokenizer_2"),
+            ]
+        } else {
+            &[("text_encoder", "tokenizer")]
+        }
+    }
+}
 
 /// A pipeline folder on local disk, and the name it is known by (recorded in image metadata).
 #[derive(Debug, Clone)]
@@ -100,18 +146,25 @@ impl PipelineFolder {
     fn from_hub(repo_id: &str, half_precision: bool) -> anyhow::Result<Self> {
         let hub = HubRepo::open(repo_id)?;
         let index = hub.required("model_index.json")?;
-        for file in ["scheduler/scheduler_config.json"]
-            .iter()
-            .chain(TOKENIZER_FILES)
-        {
-            hub.required(file)?;
-        }
-        if hub.optional("tokenizer/tokenizer.json").is_none() {
-            for file in TOKENIZER_PAIR {
-                hub.required(file)?;
+        let model_index = ModelIndex::from_file(&index)?;
+        hub.required("scheduler/scheduler_config.json")?;
+        let mut components = vec!["unet", "vae"];
+        for (encoder, tokenizer) in model_index.text_encoders() {
+            components.push(encoder);
+            for file in TOKENIZER_FILES {
+                hub.required(&format!("{tokenizer}/{file}"))?;
+            }
+            if hub
+                .optional(&format!("{tokenizer}/tokenizer.json"))
+                .is_none()
+            {
+                for file in TOKENIZER_PAIR {
+                    hub.required(&format!("{tokenizer}/{file}"))?;
+                }
             }
         }
-        for (component, stem) in COMPONENTS {
+        for component in components {
+            let stem = component_stem(component)?;
             hub.required(&format!("{component}/config.json"))?;
             let fp16 = format!("{component}/{stem}.fp16.safetensors");
             if !(half_precision && hub.optional(&fp16).is_some()) {
@@ -128,6 +181,11 @@ impl PipelineFolder {
         })
     }
 
+    /// `model_index.json`.
+    pub fn model_index(&self) -> anyhow::Result<ModelIndex> {
+        ModelIndex::from_file(&self.root.join("model_index.json"))
+    }
+
     /// `<root>/<component>/config.json`.
     pub fn config(&self, component: &str) -> PathBuf {
         self.root.join(component).join("config.json")
@@ -135,13 +193,18 @@ impl PipelineFolder {
 
     /// The component's safetensors weights (see [`weights_file`]).
     pub fn weights(&self, component: &str, half_precision: bool) -> anyhow::Result<PathBuf> {
-        let stem = COMPONENTS
-            .iter()
-            .find(|(c, _)| *c == component)
-            .map(|(_, stem)| *stem)
-            .with_context(|| format!("unknown pipeline component {component}"))?;
+        let stem = component_stem(component)?;
         weights_file(&self.root.join(component), stem, half_precision)
     }
+}
+
+/// The weight file stem of a pipeline component.
+fn component_stem(component: &str) -> anyhow::Result<&'static str> {
+    COMPONENTS
+        .iter()
+        .find(|(c, _)| *c == component)
+        .map(|(_, stem)| *stem)
+        .with_context(|| format!("unknown pipeline component {component}"))
 }
 
 /// A model folder's safetensors weights, `<stem>.safetensors` or its `<stem>.fp16.safetensors`

@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -55,71 +54,6 @@ parity_cases! {
     inpaint_4ch_ddim: "tiny-sd1",
 }
 
-/// The `ldm` command line that reproduces a recorded diffusers call.
-fn command_for(case: &Case, json: &serde_json::Value, out: &Path) -> Command {
-    let call = &json["call"];
-    let subcommand = match json["pipeline"].as_str().unwrap() {
-        "StableDiffusionPipeline" => "txt2img",
-        "StableDiffusionImg2ImgPipeline" => "img2img",
-        "StableDiffusionInpaintPipeline" => "inpaint",
-        other => panic!("unknown pipeline {other}"),
-    };
-    let sampler = match json["scheduler_class"].as_str().unwrap() {
-        "DDIMScheduler" => "ddim",
-        "DDPMScheduler" => "ddpm",
-        "EulerDiscreteScheduler" => "euler",
-        "EulerAncestralDiscreteScheduler" => "euler_a",
-        "DPMSolverMultistepScheduler" => {
-            match json["scheduler_config"]["algorithm_type"].as_str() {
-                Some("sde-dpmsolver++") => "dpmpp_2m_sde",
-                _ => "dpmpp_2m",
-            }
-        }
-        other => panic!("unknown scheduler {other}"),
-    };
-    let seeds = json["seeds"].as_array().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ldm"));
-    cmd.arg(subcommand)
-        .arg(call["prompt"].as_str().unwrap())
-        .args(["--model", common::fixture(case.model).to_str().unwrap()])
-        .args([
-            "--negative-prompt",
-            call["negative_prompt"].as_str().unwrap(),
-        ])
-        .args(["--sampler", sampler])
-        .args(["--steps", &call["num_inference_steps"].to_string()])
-        .args(["--guidance-scale", &call["guidance_scale"].to_string()])
-        .args(["--seed", &seeds[0].to_string()])
-        .args(["--num-images", &seeds.len().to_string()])
-        // One batched pass for all images, as diffusers ran them.
-        .args(["--batch-size", &seeds.len().to_string()])
-        .args(["--width", &call["width"].to_string()])
-        .args(["--height", &call["height"].to_string()])
-        .args(["--device", "cpu", "--dtype", "f32", "--quiet"])
-        .arg("--output")
-        .arg(out.join("image.png"))
-        .arg("--save-latents")
-        .arg(out.join("latents.safetensors"));
-    if let Some(phi) = call.get("guidance_rescale") {
-        cmd.args(["--guidance-rescale", &phi.to_string()]);
-    }
-    if let Some(eta) = call.get("eta") {
-        cmd.args(["--eta", &eta.to_string()]);
-    }
-    if let Some(strength) = call.get("strength") {
-        cmd.args(["--strength", &strength.to_string()]);
-    }
-    if let Some(image) = json.get("image_path") {
-        cmd.arg("--image")
-            .arg(common::fixture(image.as_str().unwrap()));
-    }
-    if let Some(mask) = json.get("mask_path") {
-        cmd.arg("--mask")
-            .arg(common::fixture(mask.as_str().unwrap()));
-    }
-    cmd
-}
-
 fn output_pngs(out: &Path, count: usize) -> Vec<std::path::PathBuf> {
     if count == 1 {
         vec![out.join("image.png")]
@@ -134,7 +68,9 @@ fn check_case(case: &Case) {
     let json = common::load_case_json(case.name);
     let expected = common::load_case(case.name);
     let out = tempfile::tempdir().unwrap();
-    let output = command_for(case, &json, out.path()).output().unwrap();
+    let output = common::parity_command(case.model, &json, out.path())
+        .output()
+        .unwrap();
     assert!(
         output.status.success(),
         "{}: ldm failed: {}",
@@ -142,11 +78,7 @@ fn check_case(case: &Case) {
         String::from_utf8_lossy(&output.stderr)
     );
 
-    let latents =
-        candle_core::safetensors::load(out.path().join("latents.safetensors"), &Device::Cpu)
-            .unwrap()
-            .remove("latents")
-            .unwrap();
+    let latents = common::saved_latents(&out.path().join("latents.safetensors"));
     common::assert_close(
         &format!("{} final latents", case.name),
         &latents,

@@ -173,6 +173,7 @@ fn config_fields_default_like_transformers() {
         ClipTextConfig {
             hidden_size: 64,
             hidden_act: Activation::Gelu,
+            projection_dim: 9,
             ..ClipTextConfig::default()
         }
     );
@@ -195,6 +196,7 @@ fn small_config() -> ClipTextConfig {
         max_position_embeddings: 6,
         hidden_act: Activation::QuickGelu,
         layer_norm_eps: 1e-5,
+        ..Default::default()
     }
 }
 
@@ -257,4 +259,57 @@ fn rejects_overlong_input_and_excess_skip() {
     assert!(model
         .forward_with_skip(&ids, cfg.num_hidden_layers)
         .is_err());
+}
+
+/// `CLIPTextModelWithProjection`'s pooled output: the final-LayerNorm state at the first end
+/// token (or, for the legacy `eos_token_id` 2 of SDXL's configs, at the highest token id),
+/// projected; the hidden state SDXL reads is the penultimate layer's, without the LayerNorm.
+#[test]
+fn pooled_output_reads_the_end_token_as_transformers_does() {
+    let ids = Tensor::new(&[[1u32, 7, 5, 3, 5]], &Device::Cpu).unwrap();
+    for (eos_token_id, position) in [(5u32, 2usize), (2, 1)] {
+        let cfg = ClipTextConfig {
+            architectures: vec!["CLIPTextModelWithProjection".into()],
+            projection_dim: 3,
+            eos_token_id,
+            ..small_config()
+        };
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let model = ClipTextModel::new(vb, &cfg).unwrap();
+        let (hidden, pooled) = model.forward_hidden(&ids, 1).unwrap();
+        let last = model
+            .forward(&ids)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .get(position)
+            .unwrap();
+        let projection = varmap.data().lock().unwrap()["text_projection.weight"].clone();
+        let expected = projection
+            .as_tensor()
+            .matmul(&last.unsqueeze(1).unwrap())
+            .unwrap();
+        let pooled = pooled.expect("a projection model pools");
+        common::assert_close(
+            "pooled",
+            &pooled.flatten_all().unwrap(),
+            &expected.flatten_all().unwrap(),
+            1e-6,
+        );
+        let skipped = model.forward_with_skip(&ids, 1).unwrap();
+        assert!(
+            common::max_abs_diff(&hidden, &skipped) > 1e-3,
+            "no final LayerNorm on the hidden state"
+        );
+    }
+    assert!(model_without_projection_pools_nothing());
+}
+
+fn model_without_projection_pools_nothing() -> bool {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let model = ClipTextModel::new(vb, &small_config()).unwrap();
+    let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap();
+    model.forward_hidden(&ids, 1).unwrap().1.is_none() && model.forward_hidden(&ids, 3).is_err()
 }

@@ -356,8 +356,8 @@ fn conv2d_matches_candle_forward_and_backward() {
     // (batch, c_in, c_out, kernel, stride, padding, h, w): SD's 3×3 same convs, the strided
     // downsampler with and without padding, 1×1 projections, an odd batch (the backward pass
     // works in chunks of two images) and images narrower than a tile or many tiles tall; the
-    // last three take the Winograd path for 3×3 same convolutions (≥ 16 channels each way and
-    // a work item per thread: run in a one-thread pool to be sure), odd sizes included.
+    // last two take the Winograd path for 3×3 same convolutions (≥ 16 channels each way,
+    // ≥ 1024 pixels per image), odd sizes included; one thread and two.
     let cases = [
         (2, 3, 4, 3, 1, 1, 7, 8),
         (3, 5, 6, 1, 1, 0, 5, 6),
@@ -365,18 +365,21 @@ fn conv2d_matches_candle_forward_and_backward() {
         (2, 4, 3, 3, 2, 0, 9, 11),
         (1, 2, 3, 3, 1, 1, 40, 9),
         (2, 64, 32, 3, 1, 1, 6, 6),
-        (1, 16, 24, 3, 1, 1, 33, 17),
-        (3, 20, 16, 3, 1, 1, 5, 30),
+        (1, 16, 24, 3, 1, 1, 33, 33),
+        (3, 20, 16, 3, 1, 1, 31, 35),
     ];
-    let one_thread = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap();
+    let pools = [1, 2].map(|threads| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+    });
     for (i, &(b, cin, cout, k, stride, pad, h, w)) in cases.iter().enumerate() {
+        let pool = &pools[i % 2];
         let xs = values(&[b, cin, h, w], 50 + i as u64, 1.0);
         let weight = values(&[cout, cin, k, k], 60 + i as u64, 0.5);
         let bias = values(&[cout], 70 + i as u64, 0.5);
-        let (out_err, grad_err) = one_thread.install(|| {
+        let (out_err, grad_err) = pool.install(|| {
             compare(&[xs, weight, bias], |t| {
                 let f = if t[0].dtype() == DType::F64 {
                     kernels::conv2d_composed

@@ -27,11 +27,7 @@ fn pipeline(name: &str) -> StableDiffusion {
 }
 
 fn encoder(pipe: &StableDiffusion) -> PromptEncoder<'_> {
-    PromptEncoder {
-        tokenizer: &pipe.tokenizer,
-        text_encoder: &pipe.text_encoder,
-        device: &pipe.device,
-    }
+    pipe.prompt_encoder()
 }
 
 fn floats(value: &serde_json::Value) -> Vec<f64> {
@@ -101,7 +97,7 @@ fn check_embeddings(name: &str) {
                 chunk.weights
             );
         }
-        let embeddings = encoder.encode(&[prompt], &options).unwrap();
+        let embeddings = encoder.encode(&[prompt], &options).unwrap().hidden;
         common::assert_close(
             &format!("{name} {key} embeddings"),
             &embeddings.squeeze(0).unwrap(),
@@ -128,8 +124,11 @@ fn plain_short_prompts_keep_their_exact_embeddings() {
     for name in ["sd1", "sd2"] {
         let pipe = pipeline(name);
         let prompts = ["blurry, low quality", "a photo of a cat"];
-        let ids = pipe.tokenizer.encode_batch(&prompts, &Device::Cpu).unwrap();
-        let before = pipe.text_encoder.forward(&ids).unwrap();
+        let ids = pipe.text_encoders[0]
+            .tokenizer
+            .encode_batch(&prompts, &Device::Cpu)
+            .unwrap();
+        let before = pipe.text_encoders[0].model.forward(&ids).unwrap();
         let now = pipe.encode_prompts(&prompts).unwrap();
         assert_eq!(common::max_abs_diff(&now, &before), 0.0, "{name}");
     }
@@ -381,4 +380,47 @@ fn batch_lines_read_prompts_as_txt2img_does() {
     assert!(a == b, "batch and txt2img images differ");
     assert_eq!(infotext(&batch_png), infotext(&single));
     assert!(infotext(&single).starts_with(&prompt));
+}
+
+/// SDXL reads long prompts as A1111 does: 75-token chunks through both encoders (hidden states
+/// joined along the channels), shorter prompts padded with the empty prompt's chunk, and the
+/// pooled embedding taken from each prompt's first chunk.
+#[test]
+fn sdxl_long_prompts_chunk_both_encoders_and_pool_the_first_chunk() {
+    let pipe = pipeline("sdxl");
+    let options = PromptOptions::default();
+    let long = vec!["cat"; 100].join(" ");
+    let first_chunk = vec!["cat"; 75].join(" ");
+    let encode = |prompts: &[&str]| pipe.encode_prompts_with(prompts, &options).unwrap();
+    let both = encode(&[&long, "a cat"]);
+    assert_eq!(both.hidden.dims(), [2, 154, 32 + 16]);
+    let pooled = both.pooled.expect("SDXL pools");
+    assert_eq!(pooled.dims(), [2, 24]);
+
+    let alone = encode(&[&first_chunk]);
+    let row = |t: &Tensor, i: usize| t.get(i).unwrap();
+    let start = |t: &Tensor| t.narrow(0, 0, 77).unwrap();
+    let end = |t: &Tensor| t.narrow(0, 77, 77).unwrap();
+    assert_eq!(
+        common::max_abs_diff(&start(&row(&both.hidden, 0)), &row(&alone.hidden, 0)),
+        0.0
+    );
+    assert_eq!(
+        common::max_abs_diff(&row(&pooled, 0), &row(&alone.pooled.unwrap(), 0)),
+        0.0
+    );
+    let short = encode(&["a cat"]);
+    let empty = encode(&[""]);
+    assert_eq!(
+        common::max_abs_diff(&start(&row(&both.hidden, 1)), &row(&short.hidden, 0)),
+        0.0
+    );
+    assert_eq!(
+        common::max_abs_diff(&end(&row(&both.hidden, 1)), &row(&empty.hidden, 0)),
+        0.0
+    );
+    assert_eq!(
+        common::max_abs_diff(&row(&pooled, 1), &row(&short.pooled.unwrap(), 0)),
+        0.0
+    );
 }

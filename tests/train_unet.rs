@@ -218,6 +218,7 @@ fn loss_falls_and_the_export_is_a_working_pipeline() {
         width: RESOLUTION as usize,
         height: RESOLUTION as usize,
         strength: 1.0,
+        micro: Default::default(),
     };
     let jobs: Vec<ImageJob> = ["a red circle", "a blue square"]
         .iter()

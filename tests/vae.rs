@@ -448,3 +448,37 @@ fn upsample_shapes_values_and_gradient() {
         0.0
     );
 }
+
+/// A VAE whose config sets `force_upcast` decodes in f32 when the pipeline runs in f16 (SDXL's
+/// overflows in f16), as diffusers does; without it (an fp16-fix VAE) and in bf16 it stays in
+/// the pipeline's precision.
+#[test]
+fn force_upcast_decodes_in_f32_under_f16() {
+    use ldm::model_source::PipelineFolder;
+    use ldm::pipelines::StableDiffusion;
+
+    let dir = tempfile::tempdir().unwrap();
+    let fixed = dir.path().join("fp16-fix");
+    common::copy_dir(&common::fixture("tiny-sdxl"), &fixed);
+    let config = fixed.join("vae/config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains(r#""force_upcast": true"#));
+    std::fs::write(
+        &config,
+        text.replace(r#""force_upcast": true"#, r#""force_upcast": false"#),
+    )
+    .unwrap();
+    let decoded_dtype = |root: std::path::PathBuf, dtype: DType| {
+        let folder = PipelineFolder {
+            root,
+            name: "tiny-sdxl".into(),
+        };
+        let pipe = StableDiffusion::load(&folder, &Device::Cpu, dtype).unwrap();
+        let latents = Tensor::zeros((1, 4, 8, 8), dtype, &Device::Cpu).unwrap();
+        pipe.decode_latents(&latents).unwrap().dtype()
+    };
+    let sdxl = common::fixture("tiny-sdxl");
+    assert_eq!(decoded_dtype(sdxl.clone(), DType::F16), DType::F32);
+    assert_eq!(decoded_dtype(sdxl, DType::BF16), DType::BF16);
+    assert_eq!(decoded_dtype(fixed, DType::F16), DType::F16);
+}

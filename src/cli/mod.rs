@@ -2,6 +2,7 @@
 
 mod conditioning;
 mod generate;
+mod generate_args;
 mod lora;
 mod serve;
 mod train;

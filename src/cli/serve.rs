@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::generate::ModelArgs;
+use super::generate_args::ModelArgs;
 use crate::serve::ServeConfig;
 
 #[derive(Debug, Args)]

@@ -16,8 +16,9 @@ use super::with_scratch;
 
 /// Positions of the 4×4 transformed tile: one matrix product each.
 const POSITIONS: usize = 16;
-/// Output pixels (all images) below which the kernel transform costs more than it saves
-/// (measured on SD 1.5's U-Net: its 8×8 and 4×4 levels with 1,280 channels lose).
+/// Output pixels per image below which the kernel transform costs more than it saves
+/// (measured on SD 1.5's U-Net: its 8×8 and 4×4 levels with 1,280 channels lose). Images this
+/// size make at least four work items each.
 const MIN_PIXELS: usize = 1024;
 /// Tiles per work item (whole rows of tiles): enough columns for an efficient product.
 const TILES_PER_ITEM: usize = 64;
@@ -34,14 +35,11 @@ pub(super) struct Winograd {
 
 impl Winograd {
     /// Only where the 2.25× saving is not eaten by the transforms: of the kernel (per call,
-    /// `16·c_out·c_in` values, worth it only over enough output pixels), of the tiles (few
-    /// channels), or by idle threads (fewer work items than threads: the im2col path then
-    /// splits each product).
+    /// `16·c_out·c_in` values, worth it only over enough output pixels) or of the tiles (few
+    /// channels). The choice depends on one image's size, never on the batch or the threads,
+    /// so that an image comes out the same whatever else is in its batch.
     pub fn worthwhile(&self) -> bool {
-        self.batch * self.h * self.w >= MIN_PIXELS
-            && self.c_in >= 16
-            && self.c_out >= 16
-            && self.items().len() >= rayon::current_num_threads()
+        self.h * self.w >= MIN_PIXELS && self.c_in >= 16 && self.c_out >= 16
     }
 
     fn tile_rows(&self) -> usize {

@@ -1,7 +1,9 @@
-//! The CLIP text encoder (transformers' `CLIPTextModel`) that conditions the U-Net.
+//! The CLIP text encoders (transformers' `CLIPTextModel` and `CLIPTextModelWithProjection`)
+//! that condition the U-Net.
 //!
 //! A pre-LayerNorm causal transformer over token + position embeddings; SD conditions on the
-//! final-LayerNorm output of every position (`last_hidden_state`).
+//! final-LayerNorm output of every position (`last_hidden_state`), SDXL on a hidden state
+//! before it plus the projected output at the end token (`text_embeds`).
 
 use std::path::Path;
 
@@ -23,6 +25,12 @@ pub struct ClipTextConfig {
     pub max_position_embeddings: usize,
     pub hidden_act: Activation,
     pub layer_norm_eps: f64,
+    /// `["CLIPTextModelWithProjection"]` for an encoder with `text_projection`.
+    pub architectures: Vec<String>,
+    pub projection_dim: usize,
+    /// Where the pooled output is read: the first position of this token, or, for the legacy
+    /// value 2 (SDXL's configs), the position of the highest token id.
+    pub eos_token_id: u32,
 }
 
 impl Default for ClipTextConfig {
@@ -36,9 +44,15 @@ impl Default for ClipTextConfig {
             max_position_embeddings: 77,
             hidden_act: Activation::QuickGelu,
             layer_norm_eps: 1e-5,
+            architectures: Vec::new(),
+            projection_dim: 512,
+            eos_token_id: 49407,
         }
     }
 }
+
+/// transformers' `eos_token_id` of CLIP configs saved before its PR #24773, kept by SDXL.
+const LEGACY_EOS_TOKEN_ID: u32 = 2;
 
 impl ClipTextConfig {
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
@@ -51,6 +65,13 @@ impl ClipTextConfig {
             cfg.num_attention_heads
         );
         Ok(cfg)
+    }
+
+    /// Whether the encoder is a `CLIPTextModelWithProjection` (SDXL's second encoder).
+    pub fn has_projection(&self) -> bool {
+        self.architectures
+            .iter()
+            .any(|a| a == "CLIPTextModelWithProjection")
     }
 }
 
@@ -180,12 +201,14 @@ impl ClipEncoderLayer {
     }
 }
 
-/// transformers' `CLIPTextModel`.
+/// transformers' `CLIPTextModel`, or `CLIPTextModelWithProjection` when its config says so.
 #[derive(Debug, Clone)]
 pub struct ClipTextModel {
     embeddings: ClipTextEmbeddings,
     layers: Vec<ClipEncoderLayer>,
     final_layer_norm: LayerNorm,
+    text_projection: Option<Linear>,
+    eos_token_id: u32,
 }
 
 impl ClipTextModel {
@@ -193,6 +216,17 @@ impl ClipTextModel {
     /// transformers < 5) or without that prefix (transformers ≥ 5). A fresh `VarMap` gets the
     /// `text_model.*` names, so trained weights save in the layout every loader accepts.
     pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        let text_projection = cfg
+            .has_projection()
+            .then(|| {
+                nn::linear(
+                    cfg.hidden_size,
+                    cfg.projection_dim,
+                    false,
+                    vb.pp("text_projection"),
+                )
+            })
+            .transpose()?;
         let vb = if vb.contains_tensor("embeddings.token_embedding.weight") {
             vb
         } else {
@@ -210,6 +244,8 @@ impl ClipTextModel {
                 cfg.layer_norm_eps,
                 vb.pp("final_layer_norm"),
             )?,
+            text_projection,
+            eos_token_id: cfg.eos_token_id,
         })
     }
 
@@ -239,5 +275,64 @@ impl ClipTextModel {
             xs = layer.forward(&xs)?;
         }
         self.final_layer_norm.forward(&xs)
+    }
+
+    /// SDXL's reading of the encoder, in one run: the output of the layer `skip` places before
+    /// the last (no final LayerNorm; transformers' `hidden_states[-(skip + 1)]`, `skip = 1` the
+    /// penultimate layer), and for an encoder with a projection the projected output at each
+    /// row's end token (`text_embeds`, always from the last layer).
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        skip: usize,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let count = self.layers.len();
+        if skip == 0 || skip > count {
+            bail!("hidden layer {skip} from the end is out of range 1 to {count}");
+        }
+        let mut xs = self.embeddings.forward(input_ids)?;
+        let mut hidden = (skip == count).then(|| xs.clone());
+        for (i, layer) in self.layers.iter().enumerate() {
+            xs = layer.forward(&xs)?;
+            if i + 1 + skip == count {
+                hidden = Some(xs.clone());
+                if self.text_projection.is_none() {
+                    break;
+                }
+            }
+        }
+        let Some(hidden) = hidden else {
+            bail!("no hidden state {skip} layers from the end")
+        };
+        let pooled = match &self.text_projection {
+            Some(projection) => {
+                let last = self.final_layer_norm.forward(&xs)?;
+                Some(projection.forward(&self.at_end_tokens(&last, input_ids)?)?)
+            }
+            None => None,
+        };
+        Ok((hidden, pooled))
+    }
+
+    /// `[batch, hidden]`: each row's state at its end token, found as transformers does.
+    fn at_end_tokens(&self, states: &Tensor, input_ids: &Tensor) -> Result<Tensor> {
+        let ids = input_ids
+            .to_dtype(candle_core::DType::U32)?
+            .to_vec2::<u32>()?;
+        let rows = ids
+            .iter()
+            .enumerate()
+            .map(|(row, ids)| {
+                let position = if self.eos_token_id == LEGACY_EOS_TOKEN_ID {
+                    // torch's argmax: the first of the highest ids.
+                    let highest = ids.iter().copied().max().unwrap_or(0);
+                    ids.iter().position(|&id| id == highest)
+                } else {
+                    ids.iter().position(|&id| id == self.eos_token_id)
+                };
+                states.get(row)?.get(position.unwrap_or(0))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::stack(&rows, 0)
     }
 }

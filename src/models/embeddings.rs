@@ -95,3 +95,51 @@ impl Module for TimestepEmbedding {
         }
     }
 }
+
+/// SDXL's added conditioning (diffusers' `addition_embed_type="text_time"`): the micro-
+/// conditioning values each embedded as sinusoids (`add_time_proj`), appended to the pooled
+/// text embeddings, and projected by an MLP (`add_embedding`) onto the time embedding.
+#[derive(Debug, Clone)]
+pub struct TextTimeEmbedding {
+    time_proj: Timesteps,
+    embedding: TimestepEmbedding,
+    in_channels: usize,
+}
+
+impl TextTimeEmbedding {
+    pub fn new(time_proj: Timesteps, embedding: TimestepEmbedding, in_channels: usize) -> Self {
+        Self {
+            time_proj,
+            embedding,
+            in_channels,
+        }
+    }
+
+    /// `[batch, time_embed_dim]` in `dtype` for `text_embeds` `[batch, P]` and `time_ids`
+    /// `[batch, K]` (`P + K · addition_time_embed_dim` must be the MLP's input width).
+    pub fn forward(
+        &self,
+        added: &crate::models::unet::AddedConditioning,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let (batch, text_dim) = added.text_embeds.dims2()?;
+        let (time_batch, count) = added.time_ids.dims2()?;
+        let width = text_dim + count * self.time_proj.num_channels;
+        if time_batch != batch || width != self.in_channels {
+            candle_core::bail!(
+                "U-Net text_time conditioning: text embeddings {:?} and time ids {:?} give {width} \
+                 values per row, the U-Net's add_embedding takes {} (projection_class_embeddings_input_dim)",
+                added.text_embeds.dims(),
+                added.time_ids.dims(),
+                self.in_channels
+            );
+        }
+        let time_embeds = self
+            .time_proj
+            .forward(&added.time_ids.flatten_all()?)?
+            .reshape((batch, count * self.time_proj.num_channels))?;
+        let text_embeds = added.text_embeds.to_dtype(DType::F32)?;
+        let joined = Tensor::cat(&[&text_embeds, &time_embeds], D::Minus1)?.to_dtype(dtype)?;
+        self.embedding.forward(&joined)
+    }
+}

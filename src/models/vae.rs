@@ -56,7 +56,7 @@ pub struct AutoencoderKLConfig {
     #[serde(default = "default_true")]
     pub mid_block_add_attention: bool,
     /// diffusers runs such a VAE in f32 when the pipeline is in f16 (it overflows in f16 at high
-    /// resolutions). Read but not yet acted on: ldm runs the VAE in the pipeline's dtype.
+    /// resolutions); so does `StableDiffusion` (bf16 has f32's range and needs no upcast).
     #[serde(default = "default_true")]
     pub force_upcast: bool,
 }

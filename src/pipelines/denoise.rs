@@ -5,6 +5,7 @@ use std::ops::ControlFlow;
 use candle_core::Tensor;
 
 use super::StableDiffusion;
+use crate::models::unet::AddedConditioning;
 use crate::rng::NoiseSource;
 use crate::schedulers::Scheduler;
 
@@ -12,6 +13,8 @@ use crate::schedulers::Scheduler;
 pub struct DenoiseSpec<'a> {
     /// Text conditioning: `[2B, L, D]` (unconditional rows first) with guidance, else `[B, L, D]`.
     pub text_embeddings: &'a Tensor,
+    /// SDXL's pooled embeddings and time ids, in the rows of `text_embeddings`.
+    pub added: Option<&'a AddedConditioning>,
     pub guidance_scale: f64,
     /// diffusers' `guidance_rescale` φ: 0 is plain guidance.
     pub guidance_rescale: f64,
@@ -77,9 +80,12 @@ impl StableDiffusion {
             };
             let timestep = scheduler.timesteps()[step_index] as f32;
             let timesteps = Tensor::full(timestep, model_input.dim(0)?, &self.device)?;
-            let noise_pred = self
-                .unet
-                .forward(&model_input, &timesteps, spec.text_embeddings)?;
+            let noise_pred = self.unet.forward_with(
+                &model_input,
+                &timesteps,
+                spec.text_embeddings,
+                spec.added,
+            )?;
             let noise_pred = if guided {
                 let halves = noise_pred.chunk(2, 0)?;
                 let (uncond, cond) = (&halves[0], &halves[1]);

@@ -11,9 +11,10 @@ use anyhow::{bail, ensure};
 use candle_core::{DType, Tensor};
 use image::RgbImage;
 
-use super::{DenoiseSpec, InpaintGuide, Mode, StableDiffusion};
-use crate::conditioning::PromptOptions;
+use super::{DenoiseSpec, InpaintGuide, Mode, PipelineKind, StableDiffusion};
+use crate::conditioning::{PromptEmbeddings, PromptOptions};
 use crate::infotext::GenerationInfo;
+use crate::models::unet::AddedConditioning;
 use crate::rng::{BatchNoise, NoiseSource};
 use crate::schedulers::{self, SamplerKind, Scheduler};
 
@@ -30,6 +31,29 @@ pub struct Sampling {
     pub height: usize,
     /// How much of the source image to repaint (img2img/inpaint): 1 starts from pure noise.
     pub strength: f64,
+    /// SDXL's size and crop conditioning (ignored by other models).
+    pub micro: MicroConditioning,
+}
+
+/// SDXL's micro-conditioning (diffusers' `original_size`, `crops_coords_top_left`,
+/// `target_size`): sizes `(width, height)`, the crop corner `(top, left)` as diffusers orders
+/// it, in pixels; the sizes default to the image's size, the crop to none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MicroConditioning {
+    pub original_size: Option<(usize, usize)>,
+    pub crops_coords_top_left: (usize, usize),
+    pub target_size: Option<(usize, usize)>,
+}
+
+impl MicroConditioning {
+    /// diffusers' `add_time_ids` for an image of `width` x `height`: original size, crop
+    /// top-left and target size, each height (or top) first.
+    pub fn time_ids(&self, width: usize, height: usize) -> [f32; 6] {
+        let (original_w, original_h) = self.original_size.unwrap_or((width, height));
+        let (top, left) = self.crops_coords_top_left;
+        let (target_w, target_h) = self.target_size.unwrap_or((width, height));
+        [original_h, original_w, top, left, target_h, target_w].map(|v| v as f32)
+    }
 }
 
 /// One image to make.
@@ -101,8 +125,8 @@ impl StableDiffusion {
             jobs.iter().all(|j| j.mode() == mode),
             "a batch cannot mix txt2img, img2img and inpainting images"
         );
-        let in_channels = self.unet_config.in_channels;
-        let latent_channels = self.vae_config.latent_channels;
+        let in_channels = self.unet_config().in_channels;
+        let latent_channels = self.vae_config().latent_channels;
         if mode != Mode::Inpaint && in_channels != latent_channels {
             bail!("this model's U-Net takes {in_channels} input channels: it is an inpainting model, use `ldm inpaint`");
         }
@@ -174,12 +198,13 @@ impl StableDiffusion {
             sampling.steps,
             sampling.eta,
         )?;
-        let text_embeddings = self.conditioning(sampling, prompts, jobs)?;
+        let (text_embeddings, added) = self.conditioning(sampling, prompts, jobs)?;
         let seeds: Vec<u64> = jobs.iter().map(|j| j.seed).collect();
         let mut noise = BatchNoise::from_seeds(&seeds);
         let start = self.start(sampling, jobs, scheduler.as_ref(), &mut noise)?;
         let spec = DenoiseSpec {
             text_embeddings: &text_embeddings,
+            added: added.as_ref(),
             guidance_scale: sampling.guidance_scale,
             guidance_rescale: sampling.guidance_rescale,
             start_step: start.start_step,
@@ -204,21 +229,66 @@ impl StableDiffusion {
         })
     }
 
-    /// `[negatives; positives]` when guidance applies (as diffusers: scale > 1), else positives.
+    /// `[negatives; positives]` when guidance applies (as diffusers: scale > 1), else positives;
+    /// for SDXL also the pooled embeddings and time ids, in the same row order.
     fn conditioning(
         &self,
         sampling: &Sampling,
         options: &PromptOptions,
         jobs: &[ImageJob],
-    ) -> anyhow::Result<Tensor> {
+    ) -> anyhow::Result<(Tensor, Option<AddedConditioning>)> {
+        let guided = sampling.guidance_scale > 1.0;
         let positives = jobs.iter().map(|j| j.prompt.as_str());
-        let prompts: Vec<&str> = if sampling.guidance_scale > 1.0 {
+        let prompts: Vec<&str> = if guided {
             let negatives = jobs.iter().map(|j| j.negative_prompt.as_str());
             negatives.chain(positives).collect()
         } else {
             positives.collect()
         };
-        self.encode_prompts_with(&prompts, options)
+        let embeddings = self.encode_prompts_with(&prompts, options)?;
+        match self.kind {
+            PipelineKind::StableDiffusion => Ok((embeddings.hidden, None)),
+            PipelineKind::StableDiffusionXl {
+                force_zeros_for_empty_prompt,
+            } => {
+                // diffusers conditions on zeros when no negative prompt is given.
+                let zero_negatives = guided && force_zeros_for_empty_prompt;
+                let zeroed: Vec<bool> = (0..prompts.len())
+                    .map(|i| zero_negatives && i < jobs.len() && prompts[i].is_empty())
+                    .collect();
+                self.sdxl_conditioning(embeddings, &zeroed, sampling)
+            }
+        }
+    }
+
+    /// SDXL's hidden states and added conditioning (pooled embeddings, time ids), with the
+    /// rows marked in `zeroed` set to zeros.
+    fn sdxl_conditioning(
+        &self,
+        embeddings: PromptEmbeddings,
+        zeroed: &[bool],
+        sampling: &Sampling,
+    ) -> anyhow::Result<(Tensor, Option<AddedConditioning>)> {
+        let Some(mut pooled) = embeddings.pooled else {
+            bail!("SDXL conditioning without pooled text embeddings");
+        };
+        let mut hidden = embeddings.hidden;
+        if zeroed.contains(&true) {
+            let keep: Vec<f32> = zeroed.iter().map(|&z| if z { 0.0 } else { 1.0 }).collect();
+            let keep = Tensor::new(keep.as_slice(), &self.device)?.to_dtype(hidden.dtype())?;
+            hidden = hidden.broadcast_mul(&keep.reshape(((), 1, 1))?)?;
+            pooled = pooled.broadcast_mul(&keep.reshape(((), 1))?)?;
+        }
+        let time_ids = sampling.micro.time_ids(sampling.width, sampling.height);
+        let time_ids = Tensor::new(&time_ids, &self.device)?
+            .to_dtype(self.dtype)?
+            .unsqueeze(0)?
+            .repeat((zeroed.len(), 1))?;
+        let added = AddedConditioning {
+            text_embeds: pooled.to_dtype(self.dtype)?,
+            time_ids,
+        };
+        Ok((hidden, Some(added)))
     }
 
     /// Initial latents, first step and inpainting guide for the run's mode.
@@ -254,7 +324,7 @@ impl StableDiffusion {
             .collect::<Option<Vec<_>>>();
         let full_strength = sampling.strength == 1.0;
         let blends =
-            masks.is_some() && self.unet_config.in_channels == self.vae_config.latent_channels;
+            masks.is_some() && self.unet_config().in_channels == self.vae_config().latent_channels;
         // diffusers encodes the source unless it starts from pure noise with mask channels.
         let image_latents = if !full_strength || blends || masks.is_none() {
             Some(self.encode_image(&pixels, noise)?)
@@ -306,7 +376,7 @@ impl StableDiffusion {
         let factor = self.vae_scale_factor();
         (
             batch,
-            self.vae_config.latent_channels,
+            self.vae_config().latent_channels,
             sampling.height / factor,
             sampling.width / factor,
         )
@@ -326,13 +396,15 @@ impl StableDiffusion {
     /// Scaled latents of `[B, 3, H, W]` pixels, sampled from the VAE posterior (diffusers'
     /// default `sample_mode="sample"`), each image with its own generator.
     fn encode_image(&self, pixels: &Tensor, noise: &mut dyn NoiseSource) -> anyhow::Result<Tensor> {
+        let vae_dtype = self.vae_dtype;
         let posterior = self
             .vae
-            .encode(&pixels.to_device(&self.device)?.to_dtype(self.dtype)?)?;
+            .encode(&pixels.to_device(&self.device)?.to_dtype(vae_dtype)?)?;
         let eps = noise
             .randn(posterior.mean.shape(), DType::F32, &self.device)?
-            .to_dtype(self.dtype)?;
-        Ok((posterior.sample(&eps)? * self.vae_config.scaling_factor)?)
+            .to_dtype(vae_dtype)?;
+        let latents = (posterior.sample(&eps)? * self.vae_config().scaling_factor)?;
+        Ok(latents.to_dtype(self.dtype)?)
     }
 
     /// The pixel mask at latent resolution, nearest-neighbour like torch's `interpolate`.

@@ -244,6 +244,7 @@ fn sampling(pipeline: &StableDiffusion, request: &ImageRequest) -> Sampling {
         width: request.width.unwrap_or(default_width),
         height: request.height.unwrap_or(default_height),
         strength: request.source.as_ref().map_or(1.0, |s| s.strength),
+        micro: Default::default(),
     }
 }
 

@@ -61,3 +61,143 @@ pub fn randn(seed: u64, shape: &[usize], dtype: DType) -> Tensor {
         .to_dtype(dtype)
         .unwrap()
 }
+
+/// The `latents` tensor of a `--save-latents` file.
+pub fn saved_latents(path: &std::path::Path) -> Tensor {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("cannot load {}: {e}", path.display()))
+        .remove("latents")
+        .expect("no latents tensor")
+}
+
+/// Asserts that a PNG is diffusers' `[H, W, 3]` image in [0, 1] rounded to 8 bits: pixels may
+/// differ by one level only where the values are within `tol` of a rounding edge.
+pub fn assert_png_matches(what: &str, png: &std::path::Path, expected: &Tensor, tol: f32) {
+    let png = image::open(png).unwrap().to_rgb8();
+    let (w, h) = png.dimensions();
+    let ours = Tensor::from_vec(png.into_raw(), (h as usize, w as usize, 3), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let ours01 = (ours / 255.0).unwrap();
+    let err = max_abs_diff(&ours01, expected);
+    eprintln!("{what}: max diff to diffusers' [0,1] image {err:.3e}");
+    assert!(err <= 0.5 / 255.0 + tol, "{what}: {err}");
+}
+
+/// Asserts that a command failed with a clear message (no panic) containing every needle.
+pub fn assert_clean_error(output: &std::process::Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "expected failure, got success: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    assert!(!stderr.contains("stack backtrace"), "backtrace: {stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "{needle:?} not in: {stderr}");
+    }
+}
+
+/// Copies a folder, following symlinks (the fixtures share components through them).
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if std::fs::metadata(entry.path()).unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// The `ldm` command line that reproduces a diffusers call recorded by the fixture scripts
+/// (`<case>.json`): same prompts, seeds (one batched pass), steps, guidance, scheduler, sizes,
+/// source image and mask, SDXL micro-conditioning; final latents saved to
+/// `out/latents.safetensors`, images to `out/image[-i].png`.
+pub fn parity_command(
+    model: &str,
+    json: &serde_json::Value,
+    out: &std::path::Path,
+) -> std::process::Command {
+    let call = &json["call"];
+    let subcommand = match json["pipeline"].as_str().unwrap() {
+        "StableDiffusionPipeline" | "StableDiffusionXLPipeline" => "txt2img",
+        "StableDiffusionImg2ImgPipeline" | "StableDiffusionXLImg2ImgPipeline" => "img2img",
+        "StableDiffusionInpaintPipeline" | "StableDiffusionXLInpaintPipeline" => "inpaint",
+        other => panic!("unknown pipeline {other}"),
+    };
+    let sampler = match json["scheduler_class"].as_str().unwrap() {
+        "DDIMScheduler" => "ddim",
+        "DDPMScheduler" => "ddpm",
+        "EulerDiscreteScheduler" => "euler",
+        "EulerAncestralDiscreteScheduler" => "euler_a",
+        "DPMSolverMultistepScheduler" => {
+            match json["scheduler_config"]["algorithm_type"].as_str() {
+                Some("sde-dpmsolver++") => "dpmpp_2m_sde",
+                _ => "dpmpp_2m",
+            }
+        }
+        other => panic!("unknown scheduler {other}"),
+    };
+    let seeds = json["seeds"].as_array().unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ldm"));
+    cmd.arg(subcommand)
+        .arg(call["prompt"].as_str().unwrap())
+        .args(["--model", fixture(model).to_str().unwrap()])
+        .args(["--sampler", sampler])
+        .args(["--steps", &call["num_inference_steps"].to_string()])
+        .args(["--guidance-scale", &call["guidance_scale"].to_string()])
+        .args(["--seed", &seeds[0].to_string()])
+        .args(["--num-images", &seeds.len().to_string()])
+        // One batched pass for all images, as diffusers ran them.
+        .args(["--batch-size", &seeds.len().to_string()])
+        .args(["--width", &call["width"].to_string()])
+        .args(["--height", &call["height"].to_string()])
+        .args(["--device", "cpu", "--dtype", "f32", "--quiet"])
+        .arg("--output")
+        .arg(out.join("image.png"))
+        .arg("--save-latents")
+        .arg(out.join("latents.safetensors"));
+    // No negative prompt in the call (SDXL cases): ldm's default empty one, which SDXL's
+    // force_zeros_for_empty_prompt turns into zeros as diffusers does with none.
+    if let Some(negative) = call["negative_prompt"].as_str() {
+        cmd.args(["--negative-prompt", negative]);
+    }
+    for (key, flag) in [
+        ("guidance_rescale", "--guidance-rescale"),
+        ("eta", "--eta"),
+        ("strength", "--strength"),
+    ] {
+        if let Some(value) = call.get(key) {
+            cmd.args([flag, &value.to_string()]);
+        }
+    }
+    // diffusers' (height, width) sizes as WIDTHxHEIGHT, its (top, left) crop as TOP,LEFT.
+    for (key, flag) in [
+        ("original_size", "--original-size"),
+        ("target_size", "--target-size"),
+    ] {
+        if let Some(size) = call.get(key) {
+            cmd.args([flag, &format!("{}x{}", size[1], size[0])]);
+        }
+    }
+    // diffusers' clip_skip counts the layers skipped; ldm's --clip-skip is A1111's, one more.
+    if let Some(skip) = call.get("clip_skip").and_then(|s| s.as_u64()) {
+        cmd.args(["--clip-skip", &(skip + 1).to_string()]);
+    }
+    if let Some(crop) = call.get("crops_coords_top_left") {
+        cmd.args([
+            "--crops-coords-top-left",
+            &format!("{},{}", crop[0], crop[1]),
+        ]);
+    }
+    for (key, flag) in [("image_path", "--image"), ("mask_path", "--mask")] {
+        if let Some(path) = json.get(key) {
+            cmd.arg(flag).arg(fixture(path.as_str().unwrap()));
+        }
+    }
+    cmd
+}

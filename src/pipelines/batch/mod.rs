@@ -103,6 +103,7 @@ fn job_sampling(job: &Job) -> anyhow::Result<Sampling> {
         width: job.width,
         height: job.height,
         strength: job.strength.unwrap_or(1.0),
+        micro: Default::default(),
     })
 }
 

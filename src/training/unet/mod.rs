@@ -448,6 +448,7 @@ impl TrainingRun for Trainer<'_> {
             width: self.resolution,
             height: self.resolution,
             strength: 1.0,
+            micro: Default::default(),
         };
         let jobs: Vec<ImageJob> = self
             .sample_prompts
