@@ -247,9 +247,19 @@ pub fn var_builder(
     dtype: DType,
     device: &Device,
 ) -> anyhow::Result<VarBuilder<'static>> {
+    var_builder_where(path, dtype, device, |_| true)
+}
+
+/// [`var_builder`] over the tensors whose names `keep` selects (the others are not read).
+pub fn var_builder_where(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+    keep: impl Fn(&str) -> bool + Sync,
+) -> anyhow::Result<VarBuilder<'static>> {
     let file = crate::weights_file::WeightsFile::open(path)
         .with_context(|| format!("cannot read weights file {}", path.display()))?;
-    file.into_var_builder(dtype, device)
+    file.into_var_builder_where(dtype, device, keep)
         .with_context(|| format!("cannot read weights file {}", path.display()))
 }
 

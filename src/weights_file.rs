@@ -84,9 +84,20 @@ impl WeightsFile {
         dtype: DType,
         device: &Device,
     ) -> candle_core::Result<VarBuilder<'static>> {
+        self.into_var_builder_where(dtype, device, |_| true)
+    }
+
+    /// [`Self::into_var_builder`] over the tensors whose names `keep` selects.
+    pub fn into_var_builder_where(
+        self,
+        dtype: DType,
+        device: &Device,
+        keep: impl Fn(&str) -> bool + Sync,
+    ) -> candle_core::Result<VarBuilder<'static>> {
         let tensors = self
             .entries
             .par_iter()
+            .filter(|(name, _)| keep(name))
             .map(|(name, _)| Ok((name.clone(), self.load(name, device)?.to_dtype(dtype)?)))
             .collect::<candle_core::Result<HashMap<String, Tensor>>>()?;
         Ok(VarBuilder::from_tensors(tensors, dtype, device))

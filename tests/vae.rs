@@ -482,3 +482,32 @@ fn force_upcast_decodes_in_f32_under_f16() {
     assert_eq!(decoded_dtype(sdxl, DType::BF16), DType::BF16);
     assert_eq!(decoded_dtype(fixed, DType::F16), DType::F16);
 }
+
+/// txt2img loads the VAE's decoder alone: it decodes exactly as the whole VAE does, and
+/// encoding is then a clear error rather than a missing-tensor panic.
+#[test]
+fn decoder_only_vae_decodes_the_same_and_refuses_to_encode() {
+    use ldm::model_source::PipelineFolder;
+    use ldm::pipelines::{StableDiffusion, VaeParts};
+    let folder = PipelineFolder {
+        root: fixture("tiny-sd1"),
+        name: "tiny-sd1".into(),
+    };
+    let load = |parts| {
+        StableDiffusion::load_with_loras(&folder, &Device::Cpu, DType::F32, &[], parts).unwrap()
+    };
+    let (whole, decoder) = (
+        load(VaeParts::EncoderAndDecoder),
+        load(VaeParts::DecoderOnly),
+    );
+    let latents = common::randn(7, &[1, 4, 8, 8], DType::F32);
+    let expected = whole.decode_latents(&latents).unwrap();
+    assert_eq!(
+        max_abs_diff(&decoder.decode_latents(&latents).unwrap(), &expected),
+        0.0
+    );
+    let image = Tensor::zeros((1, 3, 16, 16), DType::F32, &Device::Cpu).unwrap();
+    assert!(whole.vae.encode(&image).is_ok());
+    let err = decoder.vae.encode(&image).unwrap_err().to_string();
+    assert!(err.contains("without its encoder"), "{err}");
+}

@@ -16,7 +16,7 @@ use super::generate_args::{
 use super::lora::{add_prompt_loras, group_by_loras};
 use crate::lora::LoraSpec;
 use crate::pipelines::batch::{expand_jobs, JobDefaults};
-use crate::pipelines::{ImageJob, Sampling, SourceImage, StableDiffusion};
+use crate::pipelines::{ImageJob, Sampling, SourceImage, StableDiffusion, VaeParts};
 use crate::prompt_file;
 use crate::shard::Shard;
 
@@ -40,9 +40,14 @@ fn steps_bar(quiet: bool, len: u64) -> ProgressBar {
 }
 
 pub fn txt2img(args: Txt2ImgArgs) -> anyhow::Result<()> {
-    let pipeline = args
-        .model
-        .load(&args.model.lora.for_prompt(&args.prompt.text())?)?;
+    // A prompt file's lines may name source images.
+    let vae_parts = if args.batch.from_file.is_some() {
+        VaeParts::EncoderAndDecoder
+    } else {
+        VaeParts::DecoderOnly
+    };
+    let loras = args.model.lora.for_prompt(&args.prompt.text())?;
+    let pipeline = args.model.load(&loras, vae_parts)?;
     let (width, height) = pipeline.default_size();
     let sampling = args.sampling.sampling(width, height, 1.0);
     if let Some(file) = &args.batch.from_file {
@@ -124,7 +129,10 @@ fn edit(
     output: &OutputArgs,
     source: &SourceArgs,
 ) -> anyhow::Result<()> {
-    let pipeline = model.load(&model.lora.for_prompt(&prompt.text())?)?;
+    let pipeline = model.load(
+        &model.lora.for_prompt(&prompt.text())?,
+        VaeParts::EncoderAndDecoder,
+    )?;
     if let Some(file) = &batch_args.from_file {
         let (width, height) = pipeline.default_size();
         let sampling = args.sampling(width, height, source.strength);
@@ -170,7 +178,9 @@ fn edit(
 }
 
 pub fn batch_command(args: BatchCommandArgs) -> anyhow::Result<()> {
-    let pipeline = args.model.load(&args.model.lora.loras)?;
+    let pipeline = args
+        .model
+        .load(&args.model.lora.loras, VaeParts::EncoderAndDecoder)?;
     let (width, height) = pipeline.default_size();
     let sampling = args.sampling.sampling(width, height, args.strength);
     let source = SourceArgs {
@@ -269,7 +279,7 @@ fn batch(
         let pipe = if loras == model.lora.loras {
             pipeline
         } else {
-            with_loras = model.load(&loras)?;
+            with_loras = model.load(&loras, VaeParts::EncoderAndDecoder)?;
             &with_loras
         };
         let summary = pipe.run_batch(

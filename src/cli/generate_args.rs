@@ -12,7 +12,7 @@ use super::lora::LoraArgs;
 use crate::device::{DeviceSpec, Precision};
 use crate::lora::LoraSpec;
 use crate::model_source::PipelineFolder;
-use crate::pipelines::{Generated, MicroConditioning, Sampling, StableDiffusion};
+use crate::pipelines::{Generated, MicroConditioning, Sampling, StableDiffusion, VaeParts};
 use crate::schedulers::SamplerKind;
 use crate::shard::Shard;
 
@@ -37,11 +37,11 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// The pipeline with `loras` merged in.
-    pub fn load(&self, loras: &[LoraSpec]) -> anyhow::Result<StableDiffusion> {
+    /// The pipeline with `loras` merged in, and the VAE parts the run needs.
+    pub fn load(&self, loras: &[LoraSpec], vae_parts: VaeParts) -> anyhow::Result<StableDiffusion> {
         let (device, dtype) = self.device_and_dtype()?;
         let folder = PipelineFolder::resolve(self.model.as_deref(), dtype != DType::F32)?;
-        StableDiffusion::load_with_loras(&folder, &device, dtype, loras)
+        StableDiffusion::load_with_loras(&folder, &device, dtype, loras, vae_parts)
             .with_context(|| format!("cannot load model {}", folder.root.display()))
     }
 

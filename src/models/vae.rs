@@ -225,7 +225,8 @@ impl DiagonalGaussian {
 /// diffusers' `AutoencoderKL`.
 #[derive(Debug, Clone)]
 pub struct AutoencoderKL {
-    encoder: Encoder,
+    /// None when loaded for decoding only (txt2img).
+    encoder: Option<Encoder>,
     decoder: Decoder,
     quant_conv: Option<Conv2d>,
     post_quant_conv: Option<Conv2d>,
@@ -234,10 +235,23 @@ pub struct AutoencoderKL {
 
 impl AutoencoderKL {
     pub fn new(vb: VarBuilder, cfg: &AutoencoderKLConfig) -> Result<Self> {
+        Self::build(vb, cfg, true)
+    }
+
+    /// The decoder alone: what txt2img needs (`encode` is then an error).
+    pub fn decoder_only(vb: VarBuilder, cfg: &AutoencoderKLConfig) -> Result<Self> {
+        Self::build(vb, cfg, false)
+    }
+
+    /// Whether `name` (a weight of the file) is one [`Self::decoder_only`] reads.
+    pub fn is_decoder_weight(name: &str) -> bool {
+        name.starts_with("decoder.") || name.starts_with("post_quant_conv.")
+    }
+
+    fn build(vb: VarBuilder, cfg: &AutoencoderKLConfig, with_encoder: bool) -> Result<Self> {
         cfg.validate()?;
         let moments = 2 * cfg.latent_channels;
-        let quant_conv = cfg
-            .use_quant_conv
+        let quant_conv = (with_encoder && cfg.use_quant_conv)
             .then(|| nn::conv2d(moments, moments, 1, 1, 0, vb.pp("quant_conv")))
             .transpose()?;
         let latent = cfg.latent_channels;
@@ -246,7 +260,9 @@ impl AutoencoderKL {
             .then(|| nn::conv2d(latent, latent, 1, 1, 0, vb.pp("post_quant_conv")))
             .transpose()?;
         Ok(Self {
-            encoder: Encoder::new(vb.pp("encoder"), cfg)?,
+            encoder: with_encoder
+                .then(|| Encoder::new(vb.pp("encoder"), cfg))
+                .transpose()?,
             decoder: Decoder::new(vb.pp("decoder"), cfg)?,
             quant_conv,
             post_quant_conv,
@@ -260,7 +276,10 @@ impl AutoencoderKL {
 
     /// Images `[B, in_channels, H, W]` (in `[-1, 1]`) to the latent posterior at `H/f × W/f`.
     pub fn encode(&self, x: &Tensor) -> Result<DiagonalGaussian> {
-        let moments = self.encoder.forward(x)?;
+        let Some(encoder) = &self.encoder else {
+            candle_core::bail!("this VAE was loaded without its encoder (for txt2img only)");
+        };
+        let moments = encoder.forward(x)?;
         let moments = match &self.quant_conv {
             Some(conv) => conv.forward(&moments)?,
             None => moments,

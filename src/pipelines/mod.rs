@@ -24,7 +24,7 @@ use crate::conditioning::{
     EncoderStyle, PromptEmbeddings, PromptEncoder, PromptOptions, TextEncoder,
 };
 use crate::lora::{merge_into, Component, LoraFile, LoraSpec};
-use crate::model_source::{var_builder, PipelineFolder};
+use crate::model_source::{var_builder, var_builder_where, PipelineFolder};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
@@ -60,17 +60,26 @@ pub struct StableDiffusion {
     vae_dtype: DType,
 }
 
+/// Which parts of the VAE a run needs: txt2img only decodes, so it need not read the encoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VaeParts {
+    EncoderAndDecoder,
+    DecoderOnly,
+}
+
 impl StableDiffusion {
     pub fn load(folder: &PipelineFolder, device: &Device, dtype: DType) -> anyhow::Result<Self> {
-        Self::load_with_loras(folder, device, dtype, &[])
+        Self::load_with_loras(folder, device, dtype, &[], VaeParts::EncoderAndDecoder)
     }
 
-    /// Loads the pipeline with `loras` merged into its U-Net and (first) text encoder weights.
+    /// Loads the pipeline with `loras` merged into its U-Net and (first) text encoder weights,
+    /// and the parts of the VAE that the run needs.
     pub fn load_with_loras(
         folder: &PipelineFolder,
         device: &Device,
         dtype: DType,
         loras: &[LoraSpec],
+        vae_parts: VaeParts,
     ) -> anyhow::Result<Self> {
         let loras = loras
             .iter()
@@ -134,9 +143,18 @@ impl StableDiffusion {
         } else {
             dtype
         };
-        let vb = var_builder(&folder.weights("vae", half)?, vae_dtype, device)?;
-        let vae =
-            AutoencoderKL::new(vb, &vae_config).with_context(|| component_error(folder, "vae"))?;
+        let vae_weights = folder.weights("vae", half)?;
+        let vae = match vae_parts {
+            VaeParts::EncoderAndDecoder => {
+                AutoencoderKL::new(var_builder(&vae_weights, vae_dtype, device)?, &vae_config)
+            }
+            VaeParts::DecoderOnly => {
+                let keep = AutoencoderKL::is_decoder_weight;
+                let vb = var_builder_where(&vae_weights, vae_dtype, device, keep)?;
+                AutoencoderKL::decoder_only(vb, &vae_config)
+            }
+        }
+        .with_context(|| component_error(folder, "vae"))?;
 
         Ok(Self {
             text_encoders,

@@ -8,7 +8,7 @@ use candle_core::{DType, Device};
 
 use crate::lora::LoraSpec;
 use crate::model_source::PipelineFolder;
-use crate::pipelines::StableDiffusion;
+use crate::pipelines::{StableDiffusion, VaeParts};
 
 /// Every model a server may load, and how to load one.
 pub struct Catalog {
@@ -84,7 +84,13 @@ impl Catalog {
     }
 
     pub fn load(&self, folder: &PipelineFolder) -> anyhow::Result<StableDiffusion> {
-        StableDiffusion::load_with_loras(folder, &self.device, self.dtype, &self.loras)
-            .with_context(|| format!("cannot load model {}", folder.root.display()))
+        StableDiffusion::load_with_loras(
+            folder,
+            &self.device,
+            self.dtype,
+            &self.loras,
+            VaeParts::EncoderAndDecoder,
+        )
+        .with_context(|| format!("cannot load model {}", folder.root.display()))
     }
 }
