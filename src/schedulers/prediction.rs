@@ -149,7 +149,9 @@ const BISECTION_STEPS: usize = 64;
 /// (for thresholding: whenever the quantile is ≥ 1, below which it is clamped anyway).
 fn order_statistic(rows: &Tensor, k: usize) -> Result<Tensor> {
     let row_max = rows.max_keepdim(1)?;
-    let mut lo = rows.min_keepdim(1)?.affine(2.0, -1.0)?;
+    let row_min = rows.min_keepdim(1)?;
+    // Strictly below every value: min − (|min| + 1).
+    let mut lo = (&row_min - row_min.abs()?.affine(1.0, 1.0)?)?;
     let mut hi = row_max.clone();
     let needed = Tensor::full((k + 1) as f32, lo.shape(), rows.device())?;
     for _ in 0..BISECTION_STEPS {
