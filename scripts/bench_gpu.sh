@@ -7,7 +7,7 @@
 # The GPU machine has PyTorch (with its CUDA libraries), transformers and an NVIDIA driver but
 # no Rust and no diffusers: the ldm binary and diffusers' wheel come in .gpu-carry/
 # (LDM_GPU_CARRY), which scripts/gpu_carry.sh prepares on a build machine:
-#   .gpu-carry/ldm       the stripped `--features cuda,cudnn` build
+#   .gpu-carry/ldm.xz    the stripped `--features cuda,cudnn` build, xz-compressed
 #   .gpu-carry/wheels/   diffusers and importlib_metadata (pip download --no-deps)
 # Results land in $OUT (the device runner's output folder) when set, else bench-gpu-out/.
 # With --cpu-smoke the CPU build target/release/ldm (LDM_BIN) runs a tiny pipeline instead, and
@@ -24,8 +24,14 @@ done
 
 if [[ $smoke == 1 ]]; then
     ldm="${LDM_BIN:-$repo/target/release/ldm}"
+elif [[ -n ${LDM_BIN:-} ]]; then
+    ldm="$LDM_BIN"
 else
-    ldm="${LDM_BIN:-$carry/ldm}"
+    ldm="$(mktemp -d)/ldm"
+    [[ -f $carry/ldm.xz ]] || { echo "bench_gpu.sh: no $carry/ldm.xz (see scripts/gpu_carry.sh)" >&2; exit 1; }
+    "$PYTHON" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+        "$carry/ldm.xz" "$ldm"
+    chmod +x "$ldm"
 fi
 [[ -x $ldm ]] || { echo "bench_gpu.sh: no ldm binary at $ldm (see scripts/gpu_carry.sh)" >&2; exit 1; }
 
