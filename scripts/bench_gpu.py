@@ -27,7 +27,8 @@ Reported (fastest repeat):
   first step   time to the end of step 1 from the start of loading (ldm: from process start, a
                host-side time; diffusers: import excluded, the compile included when compiled).
   peak GPU MiB the process's peak as nvidia-smi reports it (CUDA context included), polled every
-               0.1 s; diffusers also with torch's max_memory_allocated.
+               0.1 s (in a container where nvidia-smi lists no processes: the rise of the GPU's
+               used memory during the run); diffusers also with torch's max_memory_allocated.
   pixel diff   ldm's PNGs against diffusers eager's (max and mean 8-bit difference).
 Ratios are diffusers / ldm for times (above 1: ldm faster) and ldm / diffusers for memory.
 
@@ -92,11 +93,16 @@ def ensure_model(args) -> Path:
 # Peak GPU memory of a process, polled with nvidia-smi
 # ----------------------------------------------------------------------------------------------
 class GpuMemoryPoller:
-    """Peak used memory (MiB) per pid while running; a no-op without nvidia-smi."""
+    """Peak used GPU memory (MiB) of a process while running; a no-op without nvidia-smi.
+    Per pid where nvidia-smi lists processes; in a container it often cannot (other PID
+    namespace), and then the rise of GPU 0's used memory over its level at the start counts
+    (the runs are sequential and nothing else uses the GPU)."""
 
     def __init__(self) -> None:
         self.peaks: dict[int, int] = {}
         self.enabled = shutil.which("nvidia-smi") is not None
+        self.baseline = self._device_used() if self.enabled else None
+        self.device_peak = self.baseline
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -110,22 +116,38 @@ class GpuMemoryPoller:
         if self.enabled:
             self._thread.join()
 
+    @staticmethod
+    def _query(*args: str) -> str:
+        try:
+            return subprocess.run(["nvidia-smi", *args, "--format=csv,noheader,nounits"],
+                                  capture_output=True, text=True, timeout=5).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    def _device_used(self) -> int | None:
+        lines = self._query("--query-gpu=memory.used", "--id=0").split()
+        return int(lines[0]) if lines and lines[0].isdigit() else None
+
     def _poll(self) -> None:
-        query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
         while not self._stop.wait(0.1):
-            try:
-                text = subprocess.run(query, capture_output=True, text=True, timeout=5).stdout
-            except (OSError, subprocess.TimeoutExpired):
-                continue
-            for line in text.splitlines():
+            for line in self._query("--query-compute-apps=pid,used_memory").splitlines():
                 try:
                     pid, mib = (int(x) for x in line.split(","))
                 except ValueError:
                     continue
                 self.peaks[pid] = max(self.peaks.get(pid, 0), mib)
+            used = self._device_used()
+            if used is not None and self.device_peak is not None:
+                self.device_peak = max(self.device_peak, used)
 
     def peak(self, pid: int) -> int | None:
-        return self.peaks.get(pid) if self.enabled else None
+        if not self.enabled:
+            return None
+        if pid in self.peaks:
+            return self.peaks[pid]
+        if self.baseline is None or self.device_peak is None:
+            return None
+        return self.device_peak - self.baseline
 
 
 # ----------------------------------------------------------------------------------------------
