@@ -166,9 +166,10 @@ SD15_TEXT = dict(
 )
 
 
-def build_sd15_pipeline(dest: Path) -> None:
+def build_sd15_pipeline(dest: Path, dtype=None) -> None:
     """SD 1.5's architecture from its real configs with seeded random weights (PyTorch's default
-    initialisation), saved in the diffusers layout: the speed of SD 1.5 without its weights."""
+    initialisation), saved in the diffusers layout: the speed of SD 1.5 without its weights.
+    `dtype` (e.g. torch.float16) casts the weights before saving (scripts/bench_gpu.py)."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -185,6 +186,8 @@ def build_sd15_pipeline(dest: Path) -> None:
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+    if dtype is not None:
+        pipe.to(dtype=dtype)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(str(tmp), safe_serialization=True)
@@ -261,12 +264,13 @@ def count_params(model: Path) -> dict:
 STEP_RE = re.compile(rb"(\d+)/(\d+) steps")
 
 
-def run_timed(cmd: list[str], env: dict, pty_steps: bool) -> dict:
-    """Runs cmd under /usr/bin/time -v. With pty_steps, on a pseudo-terminal, recording when each
-    'k/N steps' progress position first appears (seconds from the start)."""
+def run_timed(cmd: list[str], env: dict, pty_steps: bool, time_v: bool = True) -> dict:
+    """Runs cmd under /usr/bin/time -v (without it when not time_v: no RSS or CPU seconds). With
+    pty_steps, on a pseudo-terminal, recording when each 'k/N steps' progress position first
+    appears (seconds from the start)."""
     fd, time_file = tempfile.mkstemp(prefix="bench-time-")
     os.close(fd)
-    full = ["/usr/bin/time", "-v", "-o", time_file, *cmd]
+    full = ["/usr/bin/time", "-v", "-o", time_file, *cmd] if time_v else cmd
     step_times: dict[int, float] = {}
     output = bytearray()
     t0 = time.perf_counter()
@@ -303,6 +307,8 @@ def run_timed(cmd: list[str], env: dict, pty_steps: bool) -> dict:
     text = output.decode(errors="replace")
     if proc.returncode != 0:
         sys.exit(f"command failed ({proc.returncode}): {shlex.join(cmd)}\n{text[-4000:]}\n{report}")
+    if not time_v:
+        return {"wall": wall, "step_times": step_times, "output": text, "pid": proc.pid}
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", report).group(1))
     user = float(re.search(r"User time \(seconds\): ([\d.]+)", report).group(1))
     sys_t = float(re.search(r"System time \(seconds\): ([\d.]+)", report).group(1))

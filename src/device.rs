@@ -47,21 +47,58 @@ impl fmt::Display for DeviceSpec {
 }
 
 impl DeviceSpec {
-    /// Opens the device, explaining when this build lacks the backend.
+    /// Opens the device, explaining when this build lacks the backend or the machine the GPU.
     pub fn open(self) -> anyhow::Result<Device> {
         let device = match self {
             Self::Cpu => Device::Cpu,
             Self::Cuda(i) => Device::new_cuda(i).with_context(|| {
-                format!(
-                    "cannot open cuda:{i} (build with `--features cuda` on a machine with CUDA)"
-                )
+                if candle_core::utils::cuda_is_available() {
+                    format!("cannot open cuda:{i}: no usable NVIDIA GPU or driver on this machine")
+                } else {
+                    format!("cannot open cuda:{i}: this build has no CUDA support (build with `--features cuda`)")
+                }
             })?,
             Self::Metal(i) => Device::new_metal(i).with_context(|| {
-                format!("cannot open metal:{i} (build with `--features metal` on macOS)")
+                if candle_core::utils::metal_is_available() {
+                    format!("cannot open metal:{i}: no usable Metal GPU on this machine")
+                } else {
+                    format!("cannot open metal:{i}: this build has no Metal support (build with `--features metal` on macOS)")
+                }
             })?,
         };
         Ok(device)
     }
+
+    /// The GPU this build was compiled for, if any: what runs when no device is named.
+    fn preferred() -> Option<Self> {
+        if candle_core::utils::cuda_is_available() {
+            Some(Self::Cuda(0))
+        } else if candle_core::utils::metal_is_available() {
+            Some(Self::Metal(0))
+        } else {
+            None
+        }
+    }
+}
+
+/// Opens the device the user named, or else the first GPU this build supports. A GPU build on
+/// a machine without that GPU (or its driver) falls back to the CPU with a one-line notice on
+/// stderr; a device named explicitly is never replaced, its failure is an error.
+pub fn open(spec: Option<DeviceSpec>) -> anyhow::Result<Device> {
+    if let Some(spec) = spec {
+        return spec.open();
+    }
+    Ok(match DeviceSpec::preferred().map(|gpu| (gpu, gpu.open())) {
+        None => Device::Cpu,
+        Some((_, Ok(device))) => device,
+        Some((gpu, Err(err))) => {
+            eprintln!(
+                "ldm: {gpu} unavailable ({}); running on the CPU",
+                err.root_cause()
+            );
+            Device::Cpu
+        }
+    })
 }
 
 /// The precisions a pipeline runs in.
@@ -96,6 +133,7 @@ impl fmt::Display for Precision {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Tensor;
 
     #[test]
     fn parses_device_names() {
@@ -105,5 +143,16 @@ mod tests {
         assert_eq!("metal".parse::<DeviceSpec>().unwrap(), DeviceSpec::Metal(0));
         assert!("tpu".parse::<DeviceSpec>().is_err());
         assert!("cuda:x".parse::<DeviceSpec>().is_err());
+    }
+
+    #[test]
+    fn the_default_device_opens_and_a_missing_backend_is_a_clear_error() {
+        // Whatever this build and machine support, naming no device yields one that works.
+        let device = open(None).unwrap();
+        assert!(Tensor::ones(2, DType::F32, &device).is_ok());
+        if !candle_core::utils::cuda_is_available() {
+            let err = format!("{:#}", open(Some(DeviceSpec::Cuda(0))).unwrap_err());
+            assert!(err.contains("no CUDA support"), "{err}");
+        }
     }
 }

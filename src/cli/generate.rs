@@ -7,12 +7,10 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 
-pub use super::generate_args::{
-    default_device, BatchCommandArgs, Img2ImgArgs, InpaintArgs, Txt2ImgArgs,
-};
 use super::generate_args::{
     BatchArgs, BatchRunArgs, ModelArgs, OutputArgs, PromptArgs, SamplingArgs,
 };
+pub use super::generate_args::{BatchCommandArgs, Img2ImgArgs, InpaintArgs, Txt2ImgArgs};
 use super::lora::{add_prompt_loras, group_by_loras};
 use crate::lora::LoraSpec;
 use crate::pipelines::batch::{expand_jobs, JobDefaults};

@@ -47,22 +47,13 @@ impl ModelArgs {
 
     /// The device opened, and the precision to run in on it.
     pub fn device_and_dtype(&self) -> anyhow::Result<(candle_core::Device, DType)> {
-        let device_spec = self.device.unwrap_or_else(default_device);
-        let precision = self.dtype.unwrap_or(match device_spec {
-            DeviceSpec::Cpu => Precision::F32,
-            _ => Precision::F16,
+        let device = crate::device::open(self.device)?;
+        let precision = self.dtype.unwrap_or(if device.is_cpu() {
+            Precision::F32
+        } else {
+            Precision::F16
         });
-        Ok((device_spec.open()?, precision.dtype()))
-    }
-}
-
-pub fn default_device() -> DeviceSpec {
-    if candle_core::utils::cuda_is_available() {
-        DeviceSpec::Cuda(0)
-    } else if candle_core::utils::metal_is_available() {
-        DeviceSpec::Metal(0)
-    } else {
-        DeviceSpec::Cpu
+        Ok((device, precision.dtype()))
     }
 }
 

@@ -156,10 +156,7 @@ impl TrainVaeArgs {
                 norm_num_groups: self.norm_num_groups,
             },
         };
-        let device = self
-            .device
-            .unwrap_or_else(super::generate::default_device)
-            .open()?;
+        let device = crate::device::open(self.device)?;
         Ok(TrainVaeOptions {
             architecture,
             resolution: self.resolution,
@@ -420,10 +417,7 @@ impl TrainArgs {
                     .map(String::from)
                     .collect()
             });
-        let device = self
-            .device
-            .unwrap_or_else(super::generate::default_device)
-            .open()?;
+        let device = crate::device::open(self.device)?;
         let defaults = TrainUNetOptions::new(
             self.data.clone(),
             self.output.clone(),

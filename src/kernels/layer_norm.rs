@@ -4,11 +4,24 @@
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{cpu_f32, internal_dtype, read_f32, simd, sum_partials, uses_cpu_kernel, ROW_CHUNKS};
+use super::{
+    cpu_f32, internal_dtype, read_f32, simd, sum_partials, uses_cpu_kernel, uses_gpu_kernel,
+    ROW_CHUNKS,
+};
 
 /// `(xs − mean) / √(var + eps) · weight + bias` over the last dimension (statistics in f32
 /// for half-precision inputs).
 pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if uses_gpu_kernel(xs) && !weight.track_op() && !bias.track_op() {
+        // candle's kernel accumulates in f32; its parameters must match the input's dtype.
+        let dtype = xs.dtype();
+        return candle_nn::ops::layer_norm(
+            &xs.contiguous()?,
+            &weight.to_dtype(dtype)?,
+            &bias.to_dtype(dtype)?,
+            eps as f32,
+        );
+    }
     if !uses_cpu_kernel(xs) {
         return layer_norm_composed(xs, weight, bias, eps);
     }

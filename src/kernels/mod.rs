@@ -5,7 +5,10 @@
 //! ~11 single-threaded passes; each op here is one parallel pass each way (vectorised for
 //! AVX-512/AVX2 at run time, see `simd`). Every public op `x` has an `x_composed` twin built
 //! from candle's primitive ops: the reference the tests hold the kernel to, and the path on
-//! devices without a kernel here (CUDA, Metal) and for f64.
+//! devices without a kernel here (CUDA, Metal) and for f64. On a GPU, inference (tensors no
+//! gradient flows through) takes candle's own fused kernels where candle has them (softmax,
+//! layer norm, and attention built on its softmax); training keeps the differentiable
+//! composed ops.
 
 pub mod attention;
 pub mod bias;
@@ -32,6 +35,14 @@ use candle_core::{bail, CpuStorage, DType, Layout, Result, Storage, Tensor};
 /// precision is computed in f32). f64 stays on the composed path, which is exact.
 fn uses_cpu_kernel(xs: &Tensor) -> bool {
     xs.device().is_cpu() && matches!(xs.dtype(), DType::F32 | DType::F16 | DType::BF16)
+}
+
+/// Whether `xs` takes candle's fused GPU kernels (softmax, layer norm): a half or single
+/// precision tensor on a GPU that no gradient flows through (those kernels have no backward).
+fn uses_gpu_kernel(xs: &Tensor) -> bool {
+    !xs.device().is_cpu()
+        && !xs.track_op()
+        && matches!(xs.dtype(), DType::F32 | DType::F16 | DType::BF16)
 }
 
 fn cpu_f32(storage: &CpuStorage) -> Result<&[f32]> {

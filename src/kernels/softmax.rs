@@ -6,10 +6,14 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::{cpu_f32, internal_dtype, simd, uses_cpu_kernel};
+use super::{cpu_f32, internal_dtype, simd, uses_cpu_kernel, uses_gpu_kernel};
 
 /// Softmax over the last dimension, computed in f32 for half-precision inputs.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    if uses_gpu_kernel(xs) {
+        // candle's kernel accumulates half precision in f32.
+        return candle_nn::ops::softmax_last_dim(&xs.contiguous()?);
+    }
     if !uses_cpu_kernel(xs) {
         return softmax_last_dim_composed(xs);
     }

@@ -1,7 +1,9 @@
 //! Timestep embeddings of the U-Net: diffusers' `Timesteps` (fixed sinusoids) and
 //! `TimestepEmbedding` (the learned two-layer MLP on top of them).
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::nn::{linear, Activation, Linear};
@@ -15,6 +17,8 @@ pub struct Timesteps {
     num_channels: usize,
     flip_sin_to_cos: bool,
     downscale_freq_shift: f64,
+    /// The `[1, half]` frequencies, uploaded on the first call rather than on every step.
+    frequencies: OnceLock<Tensor>,
 }
 
 impl Timesteps {
@@ -23,6 +27,7 @@ impl Timesteps {
             num_channels,
             flip_sin_to_cos,
             downscale_freq_shift,
+            frequencies: OnceLock::new(),
         }
     }
 
@@ -32,9 +37,7 @@ impl Timesteps {
     /// cannot even represent timesteps near 1000 exactly.
     pub fn forward(&self, timesteps: &Tensor) -> Result<Tensor> {
         let batch = timesteps.dims1()?;
-        let half = self.num_channels / 2;
-        let frequencies = self.frequencies(half);
-        let frequencies = Tensor::from_vec(frequencies, (1, half), timesteps.device())?;
+        let frequencies = self.frequencies_on(timesteps.device())?;
         let angles = timesteps
             .to_dtype(DType::F32)?
             .reshape((batch, 1))?
@@ -47,6 +50,20 @@ impl Timesteps {
         };
         // An odd channel count gets one zero column, as in diffusers.
         emb.pad_with_zeros(D::Minus1, 0, self.num_channels % 2)
+    }
+
+    /// The frequencies on `device`: the cached tensor, unless it lives on another device.
+    fn frequencies_on(&self, device: &Device) -> Result<Tensor> {
+        if let Some(cached) = self.frequencies.get() {
+            if cached.device().same_device(device) {
+                return Ok(cached.clone());
+            }
+        }
+        let half = self.num_channels / 2;
+        let frequencies = Tensor::from_vec(self.frequencies(half), (1, half), device)?;
+        // The first device asked for keeps the cache (a model runs on one device).
+        let _ = self.frequencies.set(frequencies.clone());
+        Ok(frequencies)
     }
 
     /// `exp(-ln(max_period) * i / (half - shift))` for `i < half`, with diffusers' f32 rounding.

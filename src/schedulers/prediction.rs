@@ -2,7 +2,9 @@
 //! model output into x̂₀ (and ε̂), then clipping or thresholding x̂₀.
 //!
 //! Step coefficients are host-side f32 scalars computed in the order diffusers computes its
-//! 0-d float32 tensors; each tensor op then rounds once per element, as torch does.
+//! 0-d float32 tensors; each tensor op then rounds once per element, as torch does. Nothing
+//! here reads a tensor back: constants are filled on the tensor's device and thresholding's
+//! quantile is found there too.
 
 use candle_core::{DType, Result, Tensor};
 
@@ -15,8 +17,20 @@ pub(super) fn scale(tensor: &Tensor, c: f32) -> Result<Tensor> {
 
 /// `tensor / c` as a true division (not a product with 1/c), as torch computes it.
 pub(super) fn divide(tensor: &Tensor, c: f32) -> Result<Tensor> {
-    let divisor = Tensor::new(c, tensor.device())?.to_dtype(tensor.dtype())?;
-    tensor.broadcast_div(&divisor)
+    tensor.broadcast_div(&constant(c, tensor)?)
+}
+
+/// `c` as a 0-d tensor of `like`'s dtype, filled on its device (candle's scalar operands are
+/// uploaded from the host instead).
+fn constant(c: f32, like: &Tensor) -> Result<Tensor> {
+    Tensor::full(c, (), like.device())?.to_dtype(like.dtype())
+}
+
+/// `tensor` clamped to `[low, high]`.
+fn clamp(tensor: &Tensor, low: f32, high: f32) -> Result<Tensor> {
+    tensor
+        .broadcast_maximum(&constant(low, tensor)?)?
+        .broadcast_minimum(&constant(high, tensor)?)
 }
 
 impl PredictionType {
@@ -82,46 +96,92 @@ impl OriginalSampleLimit {
     pub(super) fn apply(self, original: Tensor) -> Result<Tensor> {
         match self {
             Self::None => Ok(original),
-            Self::Clip(range) => original.clamp(-range, range),
+            Self::Clip(range) => clamp(&original, -range, range),
             Self::Threshold { ratio, max } => threshold(&original, ratio, max),
         }
     }
 }
 
-/// Dynamic thresholding in f32 (diffusers upcasts half precision for it), with the quantile
-/// taken on the host.
+/// Dynamic thresholding in f32 (diffusers upcasts half precision for it).
 fn threshold(original: &Tensor, ratio: f32, max: f32) -> Result<Tensor> {
     let dtype = original.dtype();
     let x = original.to_dtype(DType::F32)?;
     let batch = x.dim(0)?;
-    let rows = x.flatten_from(1)?.abs()?.to_vec2::<f32>()?;
-    let limits: Vec<f32> = rows
-        .into_iter()
-        .map(|row| quantile(row, ratio).max(1.0).min(max))
-        .collect();
+    let limits = clamp(&quantile_rows(&x.flatten_from(1)?.abs()?, ratio)?, 1.0, max)?;
     let mut shape = vec![1; x.rank()];
     shape[0] = batch;
-    let s = Tensor::from_vec(limits, shape, x.device())?;
+    let s = limits.reshape(shape)?;
     x.broadcast_maximum(&s.neg()?)?
         .broadcast_minimum(&s)?
         .broadcast_div(&s)?
         .to_dtype(dtype)
 }
 
-/// `torch.quantile(values, q)` with linear interpolation, in f32 like torch: rank = q·(n−1),
-/// then a fused-multiply-add `lerp` between the neighbouring sorted values.
-fn quantile(mut values: Vec<f32>, q: f32) -> f32 {
-    values.sort_by(f32::total_cmp);
-    let rank = q * (values.len() - 1) as f32;
+/// `torch.quantile(rows, q, dim=1, keepdim=True)` of an f32 `[B, N]` tensor with linear
+/// interpolation, on the tensor's device: rank = q·(N−1), the order statistics either side
+/// of it, and a lerp between them as torch computes it.
+fn quantile_rows(rows: &Tensor, q: f32) -> Result<Tensor> {
+    let n = rows.dim(1)?;
+    let rank = q * (n - 1) as f32;
     let below = rank as usize;
     let weight = rank - below as f32;
-    let (low, high) = (values[below], values[rank.ceil() as usize]);
-    let diff = high - low;
-    if weight.abs() < 0.5 {
-        weight.mul_add(diff, low)
+    let low = order_statistic(rows, below)?;
+    let high = if rank.ceil() as usize > below {
+        next_order_statistic(rows, &low, below)?
     } else {
-        (weight - 1.0).mul_add(diff, high)
+        low.clone()
+    };
+    let diff = (&high - &low)?;
+    if weight.abs() < 0.5 {
+        diff.affine(weight as f64, 0.0)? + low
+    } else {
+        diff.affine((weight - 1.0) as f64, 0.0)? + high
     }
+}
+
+/// Bisection steps of [`order_statistic`]: from a bracket of width W the last one is within
+/// W·2⁻⁶⁴, below an ulp of every value ≥ 2⁻²³·W.
+const BISECTION_STEPS: usize = 64;
+
+/// The `k`-th smallest value (0-based) of each row `[B, N]` -> `[B, 1]`, without sorting or
+/// reading back: a per-row bisection keeps `count(x ≤ lo) ≤ k < count(x ≤ hi)`, then the
+/// answer is the smallest value above `lo`, exact once no other value lies in `(lo, hi]`
+/// (for thresholding: whenever the quantile is ≥ 1, below which it is clamped anyway).
+fn order_statistic(rows: &Tensor, k: usize) -> Result<Tensor> {
+    let row_max = rows.max_keepdim(1)?;
+    let row_min = rows.min_keepdim(1)?;
+    // Strictly below every value: min − (|min| + 1).
+    let mut lo = (&row_min - row_min.abs()?.affine(1.0, 1.0)?)?;
+    let mut hi = row_max.clone();
+    let needed = Tensor::full((k + 1) as f32, lo.shape(), rows.device())?;
+    for _ in 0..BISECTION_STEPS {
+        let mid = ((&lo + &hi)? * 0.5)?;
+        let enough = count_at_most(rows, &mid)?.ge(&needed)?;
+        hi = enough.where_cond(&mid, &hi)?;
+        lo = enough.where_cond(&lo, &mid)?;
+    }
+    smallest_above(rows, &lo, &row_max)
+}
+
+/// The `(k+1)`-th smallest value of each row, given the `k`-th (`low`).
+fn next_order_statistic(rows: &Tensor, low: &Tensor, k: usize) -> Result<Tensor> {
+    let needed = Tensor::full((k + 2) as f32, low.shape(), rows.device())?;
+    let repeated = count_at_most(rows, low)?.ge(&needed)?;
+    repeated.where_cond(low, &smallest_above(rows, low, &rows.max_keepdim(1)?)?)
+}
+
+/// How many values of each row are ≤ `limit` (`[B, 1]`), as f32 (exact up to 2²⁴ values).
+fn count_at_most(rows: &Tensor, limit: &Tensor) -> Result<Tensor> {
+    rows.broadcast_le(limit)?
+        .to_dtype(DType::F32)?
+        .sum_keepdim(1)
+}
+
+/// The smallest value of each row above `limit`, or `row_max` when there is none.
+fn smallest_above(rows: &Tensor, limit: &Tensor, row_max: &Tensor) -> Result<Tensor> {
+    rows.broadcast_gt(limit)?
+        .where_cond(rows, &row_max.broadcast_as(rows.shape())?)?
+        .min_keepdim(1)
 }
 
 #[cfg(test)]
@@ -129,12 +189,66 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// `torch.quantile` on the host: sort, then torch's fused-multiply-add lerp.
+    fn quantile(mut values: Vec<f32>, q: f32) -> f32 {
+        values.sort_by(f32::total_cmp);
+        let rank = q * (values.len() - 1) as f32;
+        let below = rank as usize;
+        let weight = rank - below as f32;
+        let (low, high) = (values[below], values[rank.ceil() as usize]);
+        let diff = high - low;
+        if weight.abs() < 0.5 {
+            weight.mul_add(diff, low)
+        } else {
+            (weight - 1.0).mul_add(diff, high)
+        }
+    }
+
+    fn device_quantile(values: &[f32], q: f32) -> f32 {
+        let rows = Tensor::from_slice(values, (1, values.len()), &Device::Cpu).unwrap();
+        quantile_rows(&rows, q)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0]
+    }
+
     #[test]
     fn quantile_interpolates_linearly() {
-        assert_eq!(quantile(vec![3.0, 1.0, 2.0, 4.0], 0.5), 2.5);
-        assert_eq!(quantile(vec![3.0, 1.0, 2.0, 4.0], 1.0), 4.0);
-        assert_eq!(quantile(vec![5.0], 0.995), 5.0);
-        assert!((quantile((0..=100).map(|v| v as f32).collect(), 0.995) - 99.5).abs() < 1e-4);
+        for (values, q, want) in [
+            (vec![3.0, 1.0, 2.0, 4.0], 0.5, 2.5),
+            (vec![3.0, 1.0, 2.0, 4.0], 1.0, 4.0),
+            (vec![3.0, 1.0, 2.0, 4.0], 0.0, 1.0),
+            (vec![5.0], 0.995, 5.0),
+            (vec![2.0, 2.0, 2.0, 7.0], 0.5, 2.0),
+        ] {
+            assert_eq!(quantile(values.clone(), q), want);
+            assert_eq!(device_quantile(&values, q), want, "{values:?} q={q}");
+        }
+        let ramp: Vec<f32> = (0..=100).map(|v| v as f32).collect();
+        assert!((device_quantile(&ramp, 0.995) - 99.5).abs() < 1e-4);
+    }
+
+    #[test]
+    fn device_quantile_matches_sorting_on_latent_sized_rows() {
+        // |x̂₀|-like rows (16384 values, ties included) at diffusers' default ratio and others:
+        // the order statistics are exact, the lerp may differ from torch's fused one by an ulp.
+        let mut generator = crate::rng::TorchGenerator::new(7);
+        for (scale, q) in [(1.0f32, 0.995f32), (40.0, 0.995), (3.0, 0.5), (8.0, 0.9)] {
+            let mut values: Vec<f32> = generator
+                .randn(16384)
+                .into_iter()
+                .map(|v| (v * scale).abs())
+                .collect();
+            let tie = values[100];
+            values[..64].fill(tie);
+            let (want, got) = (quantile(values.clone(), q), device_quantile(&values, q));
+            assert!(
+                (got - want).abs() <= want.abs() * 2.0 * f32::EPSILON,
+                "{got} vs {want}"
+            );
+        }
     }
 
     #[test]

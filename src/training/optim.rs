@@ -196,35 +196,43 @@ pub fn warmup_lr(step: usize, base_lr: f64, warmup_steps: usize) -> f64 {
     }
 }
 
-/// Scales all gradients so their global L2 norm is at most `max_norm`; returns the norm before
-/// clipping. Same as `torch.nn.utils.clip_grad_norm_`: factor `max_norm / (norm + 1e-6)`,
-/// applied only when below 1.
-pub fn clip_grad_norm(grads: &mut GradStore, vars: &VarMap, max_norm: f64) -> Result<f64> {
+/// Scales all gradients so their global L2 norm is at most `max_norm`, as
+/// `torch.nn.utils.clip_grad_norm_` does: factor `min(1, max_norm / (norm + 1e-6))`, applied
+/// on the device without reading anything back (a factor of 1 leaves the gradients exact).
+/// Returns the norm before clipping, for reading once the update has been queued.
+pub fn clip_grad_norm(grads: &mut GradStore, vars: &VarMap, max_norm: f64) -> Result<GradNorm> {
     let vars = named_vars(vars);
     let squares = vars
         .values()
         .filter_map(|var| grads.get(var.as_tensor()))
-        .map(|g| g.to_dtype(internal_dtype(g.dtype()))?.sqr()?.sum_all())
+        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
         .collect::<Result<Vec<_>>>()?;
     if squares.is_empty() {
-        return Ok(0.0);
+        return Ok(GradNorm(None));
     }
-    // One device sync for the whole norm; f64 only on the CPU (Metal has none).
-    let norm = (Tensor::stack(&squares, 0)?
-        .to_device(&candle_core::Device::Cpu)?
-        .to_dtype(DType::F64)?
-        .sum_all()?
-        .to_scalar::<f64>()?)
-    .sqrt();
-    let factor = max_norm / (norm + 1e-6);
-    if factor < 1.0 {
-        for var in vars.values() {
-            if let Some(g) = grads.remove(var.as_tensor()) {
-                grads.insert(var.as_tensor(), (g * factor)?);
-            }
+    let norm = Tensor::stack(&squares, 0)?.sum_all()?.sqrt()?;
+    let factor = ((&norm + 1e-6)?.recip()? * max_norm)?;
+    let factor = factor.minimum(&factor.ones_like()?)?;
+    for var in vars.values() {
+        if let Some(g) = grads.remove(var.as_tensor()) {
+            let clipped = g.broadcast_mul(&factor.to_dtype(g.dtype())?)?;
+            grads.insert(var.as_tensor(), clipped);
         }
     }
-    Ok(norm)
+    Ok(GradNorm(Some(norm)))
+}
+
+/// The global gradient norm [`clip_grad_norm`] found, still on the device.
+pub struct GradNorm(Option<Tensor>);
+
+impl GradNorm {
+    /// The norm (0 without gradients); reading it waits for the device.
+    pub fn value(&self) -> Result<f64> {
+        match &self.0 {
+            Some(norm) => Ok(norm.to_scalar::<f32>()? as f64),
+            None => Ok(0.0),
+        }
+    }
 }
 
 /// An exponential moving average of the weights, as diffusers' `EMAModel` keeps it: after

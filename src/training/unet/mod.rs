@@ -412,7 +412,7 @@ impl TrainingRun for Trainer<'_> {
         self.log.record(self.step, &[loss_value])?;
         Ok(StepOutcome {
             lr,
-            grad_norm,
+            grad_norm: grad_norm.value()?,
             losses: vec![(LOSS_COLUMNS[0], loss_value)],
         })
     }

@@ -333,7 +333,7 @@ impl TrainingRun for Run<'_> {
         self.last_losses = Some(losses);
         Ok(StepOutcome {
             lr,
-            grad_norm,
+            grad_norm: grad_norm.value()?,
             losses: LOSS_COLUMNS.into_iter().zip(losses).collect(),
         })
     }
