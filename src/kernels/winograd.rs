@@ -69,14 +69,22 @@ impl Winograd {
         let kernels = self.transformed_kernels(weight);
         let plane = self.h * self.w;
         let (image_len, out_len) = (self.c_in * plane, self.c_out * plane);
+        assert_eq!(out.len(), self.batch * out_len, "output size");
         let shared = super::conv2d::SharedOut(out.as_mut_ptr());
         let shared = &shared;
         self.items().par_iter().for_each(|&(b, first, rows)| {
             let image = &xs[b * image_len..(b + 1) * image_len];
-            // SAFETY: items write disjoint output rows (distinct images or tile rows), and
-            // `band_out` below only touches rows `2·first .. 2·(first + rows)` of image b.
-            let out = unsafe { std::slice::from_raw_parts_mut(shared.0.add(b * out_len), out_len) };
-            self.band(image, &kernels, bias, first, rows, out);
+            // SAFETY: image b's output lies inside `out`, and the items own disjoint tile rows.
+            unsafe {
+                self.band(
+                    image,
+                    &kernels,
+                    bias,
+                    first,
+                    rows,
+                    shared.0.add(b * out_len),
+                )
+            };
         });
     }
 
@@ -97,15 +105,20 @@ impl Winograd {
         u
     }
 
-    /// Output rows `2·first .. 2·(first + rows)` of one image.
-    fn band(
+    /// Output rows `2·first .. 2·(first + rows)` of one image, whose `[c_out, h, w]` output
+    /// starts at `out`.
+    ///
+    /// # Safety
+    /// `out` must be valid for `c_out·h·w` writes, and no other thread may touch those rows of
+    /// any channel during the call.
+    unsafe fn band(
         &self,
         image: &[f32],
         kernels: &[f32],
         bias: &[f32],
         first: usize,
         rows: usize,
-        out: &mut [f32],
+        out: *mut f32,
     ) {
         let tw = self.tile_cols();
         let tiles = rows * tw;
@@ -153,11 +166,14 @@ impl Winograd {
                         &m[offset..offset + tw]
                     });
                     let y = 2 * (first + ty);
-                    let (upper, lower) =
-                        out[k * plane..(k + 1) * plane].split_at_mut((y + 1) * self.w);
-                    let upper = &mut upper[y * self.w..];
-                    let lower = (y + 1 < self.h).then(|| &mut lower[..self.w]);
-                    output_transform(tile, b, temp, upper, lower);
+                    let len = self.w * (self.h - y).min(2);
+                    // SAFETY: rows y and y + 1 (within the image) of channel k are this band's
+                    // (caller's contract).
+                    let pair = unsafe {
+                        std::slice::from_raw_parts_mut(out.add(k * plane + y * self.w), len)
+                    };
+                    let (upper, lower) = pair.split_at_mut(self.w);
+                    output_transform(tile, b, temp, upper, (!lower.is_empty()).then_some(lower));
                 }
             }
         });
