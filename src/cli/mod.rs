@@ -43,7 +43,12 @@ pub enum Command {
 pub fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     crate::threads::configure(cli.threads)?;
-    crate::threads::in_pool(|| dispatch(cli.command))
+    match cli.command {
+        // The server waits on its sockets for its whole life: holding a pool thread would leave
+        // one fewer for the requests, which enter the pool one by one.
+        Command::Serve(args) => serve::serve(args),
+        command => crate::threads::in_pool(|| dispatch(command)),
+    }
 }
 
 fn dispatch(command: Command) -> anyhow::Result<()> {
