@@ -4,10 +4,10 @@
 //! with a strided reduction, which dominated the bias gradients of every linear layer in
 //! training; here the column sums are one parallel pass over row chunks.
 
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{cpu_f32, read_f32, sum_partials, uses_cpu_kernel, ROW_CHUNKS};
+use super::{contiguous_f32, read_f32, sum_partials, uses_cpu_kernel, ROW_CHUNKS};
 
 /// `xs + bias` for `xs: [..., channels]` and `bias: [channels]`.
 pub fn add_bias(xs: &Tensor, bias: &Tensor) -> Result<Tensor> {
@@ -41,10 +41,7 @@ impl CustomOp2 for AddBias {
         bias_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let channels = xs_layout.dims().last().copied().unwrap_or(1);
-        let Some((start, end)) = xs_layout.contiguous_offsets() else {
-            bail!("add_bias: input must be contiguous");
-        };
-        let xs = &cpu_f32(xs)?[start..end];
+        let xs = contiguous_f32(xs, xs_layout, "add_bias: the input")?;
         let bias = super::channel_values(bias, bias_layout, channels)?;
         let mut ys = xs.to_vec();
         if channels > 0 {

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::gemm::{matmul, matmul_raw, Matrix};
 use super::winograd::Winograd;
-use super::{cpu_f32, read_f32, sum_partials, uses_cpu_kernel, with_scratch};
+use super::{contiguous_f32, read_f32, sum_partials, uses_cpu_kernel, with_scratch};
 
 /// Output pixels per work item (whole rows): enough columns for an efficient gemm, few enough
 /// that `c_in·9 × TILE_PIXELS` columns stay a few MiB.
@@ -252,14 +252,8 @@ impl CustomOp3 for Conv2dOp {
             self.stride,
             self.padding,
         )?;
-        let (Some((xs_start, xs_end)), Some((w_start, w_end))) = (
-            xs_layout.contiguous_offsets(),
-            weight_layout.contiguous_offsets(),
-        ) else {
-            bail!("conv2d: input and kernel must be contiguous");
-        };
-        let xs = &cpu_f32(xs)?[xs_start..xs_end];
-        let weight = &cpu_f32(weight)?[w_start..w_end];
+        let xs = contiguous_f32(xs, xs_layout, "conv2d: the input")?;
+        let weight = contiguous_f32(weight, weight_layout, "conv2d: the kernel")?;
         let bias = super::channel_values(bias, bias_layout, g.c_out)?;
         let (image_len, out_len) = (g.c_in * g.h * g.w, g.c_out * g.out_pixels());
         let mut out = vec![0f32; g.batch * out_len];

@@ -6,7 +6,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::{cpu_f32, simd, uses_cpu_kernel};
+use super::{contiguous_f32, simd, uses_cpu_kernel};
 
 /// `xs[..., :n] · gelu(xs[..., n:])` for `xs: [..., 2n]` (exact erf GELU, as diffusers).
 pub fn geglu(xs: &Tensor) -> Result<Tensor> {
@@ -32,10 +32,10 @@ pub fn geglu_composed(xs: &Tensor) -> Result<Tensor> {
 /// The input as rows of `[value | gate]` and the half width.
 fn halves<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<(&'a [f32], usize)> {
     let width = layout.shape().dims().last().copied().unwrap_or(0);
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok((&cpu_f32(storage)?[start..end], width / 2)),
-        None => bail!("geglu: input must be contiguous"),
-    }
+    Ok((
+        contiguous_f32(storage, layout, "geglu: the input")?,
+        width / 2,
+    ))
 }
 
 /// Row chunks of at least ~16k values per task.
@@ -90,10 +90,7 @@ impl CustomOp2 for GegluBackward {
         grad_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (xs, half) = halves(xs, xs_layout)?;
-        let Some((start, end)) = grad_layout.contiguous_offsets() else {
-            bail!("geglu backward: gradient must be contiguous");
-        };
-        let grad = &cpu_f32(grad)?[start..end];
+        let grad = contiguous_f32(grad, grad_layout, "geglu backward: the gradient")?;
         let mut dx = vec![0f32; xs.len()];
         if half > 0 {
             dx.par_chunks_mut(2 * half)

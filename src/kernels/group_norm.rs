@@ -6,7 +6,7 @@
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{cpu_f32, read_f32, simd, sum_partials, uses_cpu_kernel};
+use super::{read_f32, simd, sum_partials, uses_cpu_kernel};
 
 /// `silu?(GroupNorm(xs) · weight + bias)` over `xs: [batch, channels, ...]` (statistics per
 /// batch item and group of `channels / groups` channels, in f32 for half-precision inputs).
@@ -101,10 +101,7 @@ impl CustomOp3 for GroupNormOp {
         bias_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (_, channels, spatial) = sizes(xs_layout.shape());
-        let Some((start, end)) = xs_layout.contiguous_offsets() else {
-            bail!("group norm: input must be contiguous");
-        };
-        let xs = &cpu_f32(xs)?[start..end];
+        let xs = super::contiguous_f32(xs, xs_layout, "group norm: the input")?;
         let weight = super::channel_values(weight, weight_layout, channels)?;
         let bias = super::channel_values(bias, bias_layout, channels)?;
         let per_group = channels / self.groups * spatial;

@@ -1,12 +1,11 @@
 //! LayerNorm over the last dimension as one CPU pass forward and one backward (candle's fused
 //! `layer_norm` has no backward pass).
 
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::{
-    cpu_f32, internal_dtype, read_f32, simd, sum_partials, uses_cpu_kernel, uses_gpu_kernel,
-    ROW_CHUNKS,
+    internal_dtype, read_f32, simd, sum_partials, uses_cpu_kernel, uses_gpu_kernel, ROW_CHUNKS,
 };
 
 /// `(xs − mean) / √(var + eps) · weight + bias` over the last dimension (statistics in f32
@@ -75,10 +74,7 @@ impl CustomOp3 for LayerNormOp {
         bias_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dim = xs_layout.shape().dims().last().copied().unwrap_or(1);
-        let Some((start, end)) = xs_layout.contiguous_offsets() else {
-            bail!("layer norm: input must be contiguous");
-        };
-        let xs = &cpu_f32(xs)?[start..end];
+        let xs = super::contiguous_f32(xs, xs_layout, "layer norm: the input")?;
         let weight = super::channel_values(weight, weight_layout, dim)?;
         let bias = super::channel_values(bias, bias_layout, dim)?;
         let mut ys = vec![0f32; xs.len()];

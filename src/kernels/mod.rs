@@ -59,6 +59,14 @@ fn storage_f32(storage: &Storage) -> Result<&[f32]> {
     }
 }
 
+/// The f32 contents of a contiguous CPU tensor; `what` names it in the error.
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&cpu_f32(storage)?[start..end]),
+        None => bail!("{what} must be contiguous"),
+    }
+}
+
 /// A `[channels]` parameter as a slice (contiguous, as candle stores parameters).
 fn channel_values<'a>(
     storage: &'a CpuStorage,

@@ -1,12 +1,10 @@
 //! Softmax over the last dimension with a backward pass (candle's fused `softmax_last_dim`
 //! has none).
 
-use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{cpu_f32, internal_dtype, simd, uses_cpu_kernel, uses_gpu_kernel};
+use super::{contiguous_f32, internal_dtype, simd, uses_cpu_kernel, uses_gpu_kernel};
 
 /// Softmax over the last dimension, computed in f32 for half-precision inputs.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
@@ -32,10 +30,7 @@ pub fn softmax_last_dim_composed(xs: &Tensor) -> Result<Tensor> {
 
 fn contiguous_rows<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<(&'a [f32], usize)> {
     let dim = layout.shape().dims().last().copied().unwrap_or(1).max(1);
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok((&cpu_f32(storage)?[start..end], dim)),
-        None => bail!("softmax: input must be contiguous"),
-    }
+    Ok((contiguous_f32(storage, layout, "softmax: the input")?, dim))
 }
 
 struct Softmax;
