@@ -26,7 +26,12 @@ What it computes (everything through the real `ldm` binary, on the CPU unless --
      category, separately for prompts of training names and of held-out names, with 95%
      Wilson intervals and chance (the majority category's share). Generated images are
      resized to 32x32 with Lanczos, as the data set's 32 px images were made.
-  3. A sample grid (grid.png): for every prompt, the real image of that name and style,
+  3. Seed diversity: --diversity-prompts training names (the first of the selection), each as
+     its styled caption and as its bare name, --diversity-seeds seeds each, at every
+     --diversity-guidance scale: the mean absolute pixel difference (0-255 levels) between
+     images of one prompt (different seeds) against that between prompts (same seed), and the
+     ratio (0: every seed draws the same picture).
+  4. A sample grid (grid.png): for every prompt, the real image of that name and style,
      then the generated images.
 
 Prompts: --prompts-per-split names from train/ and from heldout/ each (default 40), stratified
@@ -127,9 +132,10 @@ def read_metadata(data: Path, split: str) -> list[dict]:
     for r in rows:
         r["split"] = split
         r["path"] = str(data / split / r["file_name"])
-        # "text" may list alternative captions; the first (with the style) is the prompt.
-        if isinstance(r["text"], list):
-            r["text"] = r["text"][0]
+        # "text" may list alternative captions; the first (with the style) is the prompt, the
+        # last the bare name (what most users type; the seed-diversity prompts).
+        captions = r["text"] if isinstance(r["text"], list) else [r["text"]]
+        r["text"], r["bare_text"] = captions[0], captions[-1]
     return rows
 
 
@@ -243,6 +249,20 @@ def shard(lines: list[str], jobs: int, work: Path, what: str) -> tuple[list[Path
         files.append(f)
         dirs.append(work / f"{what}-{i}")
     return files, dirs
+
+
+def diversity_of(images: np.ndarray) -> dict:
+    """images[prompt, seed]: mean pixel distance between seeds of one prompt and between
+    prompts of one seed; their ratio says how much a seed changes a picture relative to a
+    prompt (near 0: copies of one picture per prompt)."""
+    def mean_pair_distance(group: np.ndarray) -> float:
+        n = len(group)
+        return float(np.mean([np.abs(group[i] - group[j]).mean()
+                              for i in range(n) for j in range(i + 1, n)]))
+    seeds = float(np.mean([mean_pair_distance(images[p]) for p in range(images.shape[0])]))
+    prompts = float(np.mean([mean_pair_distance(images[:, s]) for s in range(images.shape[1])]))
+    return {"between_seeds": round(seeds, 2), "between_prompts": round(prompts, 2),
+            "ratio": round(seeds / prompts, 3)}
 
 
 # ----------------------------------------------------------------------------- classifier
@@ -397,6 +417,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="RAYON_NUM_THREADS per ldm process")
     ap.add_argument("--device", help="passed to ldm (default: ldm's)")
     ap.add_argument("--dtype", help="passed to ldm (default: ldm's)")
+    ap.add_argument("--diversity-prompts", type=int, default=6,
+                    help="training-name prompts of the seed-diversity measurement (0: skip it)")
+    ap.add_argument("--diversity-seeds", type=int, default=4, help="seeds per diversity prompt")
+    ap.add_argument("--diversity-guidance", default="3,5,7.5",
+                    help="comma-separated CFG scales the diversity is measured at")
     ap.add_argument("--grid-columns", type=int, default=5, help="prompts per grid row")
     ap.add_argument("--keep-work", action="store_true", help="keep OUT/.work (ldm's raw outputs)")
     args = ap.parse_args()
@@ -486,6 +511,38 @@ def main() -> None:
             p["samples"].append({"seed": seed, "file": f"samples/{name}",
                                  "image": load_rgb(src)})
         p["real"] = load_rgb(Path(p["row"]["path"]))
+
+    # ---- seed diversity against prompt separation, per guidance scale
+    diversity = None
+    div_prompts = [p for p in prompts if p["split"] == "train"][: args.diversity_prompts]
+    if len(div_prompts) >= 2 and args.diversity_seeds >= 2:
+        scales = [float(g) for g in args.diversity_guidance.split(",") if g.strip()]
+        div_seed = args.seed + 100_000  # apart from the evaluation's seeds
+        print(f"diversity: {len(div_prompts)} prompts (styled and bare captions) x "
+              f"{args.diversity_seeds} seeds at CFG {scales}...", file=sys.stderr)
+        t = time.monotonic()
+        captions = {"styled": [p["caption"] for p in div_prompts],
+                    "bare": [p["row"]["bare_text"] for p in div_prompts]}
+        diversity = {"prompts": captions,
+                     "seeds": list(range(div_seed, div_seed + args.diversity_seeds)),
+                     "measure": "mean absolute difference of 8-bit RGB pixels (0-255 levels), "
+                                "averaged over image pairs",
+                     "by_guidance": {}}
+        for g in scales:
+            diversity["by_guidance"][f"{g:g}"] = by_kind = {}
+            for kind, texts in captions.items():
+                div_lines = [json.dumps({"prompt": text, "seed": div_seed,
+                                         "num_images": args.diversity_seeds, "guidance_scale": g},
+                                        ensure_ascii=False) for text in texts]
+                what = f"div-{kind}-{g:g}"
+                files, dirs = shard(div_lines, args.jobs, work, what)
+                run_ldm_batch(ldm, files, dirs, gen_common, args.threads, what,
+                              len(texts) * args.diversity_seeds, work)
+                found = read_manifests(dirs)
+                grid = np.stack([[load_rgb(found[(text, s)]).astype(np.float64)
+                                  for s in diversity["seeds"]] for text in texts])
+                by_kind[kind] = diversity_of(grid)
+        timings["diversity_s"] = time.monotonic() - t
 
     # ---- VAE round trip through the CLI
     vae_rows = sorted(held_rows, key=lambda r: hash_key("vae", r["file_name"]))
@@ -648,6 +705,7 @@ def main() -> None:
                                     "sha256('ldm-eval-v1:<split>:<unified>') order; style "
                                     "alternating twemoji/noto"},
         "vae_psnr": vae_result,
+        "diversity": diversity,
         "classifier": {
             "model": "StandardScaler + SVC(rbf, C=10, gamma='scale'), scikit-learn "
                      + __import__("sklearn").__version__,
@@ -705,6 +763,15 @@ def main() -> None:
         f"generated training | {100 * sub['real_heldout']['rate']:.1f}% / "
         f"{100 * she['generated']['rate']:.1f}% / {100 * str_['generated']['rate']:.1f}% "
         f"(chance {100 * sub['chance_majority_class']['rate_heldout']:.1f}%) |",
+    ]
+    if diversity:
+        md += [f"| Seed diversity, CFG {g}, {kind} captions ({len(diversity['seeds'])} seeds of "
+               f"{len(diversity['prompts'][kind])} training names): mean pixel distance between "
+               f"seeds / between prompts | {d['between_seeds']:.1f} / "
+               f"{d['between_prompts']:.1f} levels (ratio {d['ratio']:.2f}) |"
+               for g, by_kind in diversity["by_guidance"].items()
+               for kind, d in by_kind.items()]
+    md += [
         "",
         f"Classifier: RBF SVM on 32x32 pixel features (block colours, colour histogram, gradient "
         f"orientations), trained on the {len(train_rows)} real training images; its accuracy on "
