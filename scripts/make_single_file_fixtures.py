@@ -19,6 +19,8 @@ mapping (the inverse of what diffusers' single_file_utils reads):
     carry 24 resblocks for a 23-layer text encoder;
   * single_file/inpaint.safetensors: tiny-inpaint (9-channel conv_in);
   * single_file/code.ckpt: a PyTorch-style zip whose pickle calls posix.system (must never run).
+Cases single_file_sd1 (diffusers' default, non-EMA), single_file_sd1_ema (extract_ema=True), single_file_sd1_lora
+(+ the kohya LoRA of make_lora_fixtures.py fused at 0.8), single_file_sd2, single_file_inpaint.
 Reference: diffusers StableDiffusionPipeline / StableDiffusionInpaintPipeline .from_single_file(file,
 config=<tiny folder>, torch_dtype=float32) (extract_ema=True for the EMA case); the script first checks that the
 loaded components equal the tiny pipeline's own weights (so the files are original-layout as diffusers reads
@@ -266,6 +268,18 @@ def main():
         "from_single_file(single_file/sd1_ema.safetensors, config=tiny-sd1, extract_ema=True): the U-Net from the "
         "flattened model_ema.* weights; DDIM 10 steps.",
         [1801], base_call(), extra_meta={"checkpoint": "single_file/sd1_ema.safetensors", "config": "tiny-sd1"})
+
+    lora = mf.FIXTURES / "lora" / "kohya_sd1.safetensors"
+    lora_pipe = from_single_file(StableDiffusionPipeline, sd1_file, mf.SD1)
+    lora_pipe.load_lora_weights(str(lora))
+    lora_pipe.fuse_lora(lora_scale=0.8)
+    lora_pipe.unload_lora_weights()
+    mf.run_pipeline_case(
+        "single_file_sd1_lora", lora_pipe,
+        "from_single_file(single_file/sd1_ema.safetensors, config=tiny-sd1) + load_lora_weights("
+        "lora/kohya_sd1.safetensors) + fuse_lora(lora_scale=0.8); DDIM 10 steps.",
+        [1804], base_call(), extra_meta={"checkpoint": "single_file/sd1_ema.safetensors", "config": "tiny-sd1",
+                                         "lora": "lora/kohya_sd1.safetensors:0.8"})
 
     sd2_file = OUT / "sd2.ckpt"
     torch.save({"state_dict": original_layout(mf.SD2, text="open_clip", g=g), "global_step": 110000}, sd2_file)

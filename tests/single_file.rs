@@ -1,6 +1,6 @@
 //! Single-file (original-layout) checkpoints through the CLI against diffusers'
 //! `from_single_file(file, config=<tiny folder>)` (scripts/make_single_file_fixtures.py): SD 1.x
-//! with diffusers' default non-EMA and its `extract_ema` weights, SD 2.x (OpenCLIP, fused q/k/v,
+//! with diffusers' default non-EMA and its `extract_ema` weights, with a LoRA fused, SD 2.x (OpenCLIP, fused q/k/v,
 //! from a PyTorch pickle) with v-prediction from the config folder or the flag, inpainting; and
 //! the errors for files and folders that do not fit.
 
@@ -75,6 +75,13 @@ fn sd1_checkpoint_matches_diffusers_from_single_file() {
 fn extract_ema_reads_the_ema_weights_as_diffusers_does() {
     let [flag, dir] = config_flag("single_file_sd1_ema");
     check_case("single_file_sd1_ema", &[&flag, &dir, "--extract-ema"]);
+}
+
+#[test]
+fn loras_merge_into_a_checkpoint_as_diffusers_fuses_them() {
+    let [flag, dir] = config_flag("single_file_sd1_lora");
+    let lora = fixture_str("lora/kohya_sd1.safetensors:0.8");
+    check_case("single_file_sd1_lora", &[&flag, &dir, "--lora", &lora]);
 }
 
 #[test]
