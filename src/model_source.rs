@@ -118,14 +118,9 @@ pub struct PipelineFolder {
     pub prediction_type: Option<PredictionType>,
 }
 
-/// What a folder must hold to configure a single-file SD 1.x/2.x checkpoint.
-const SINGLE_FILE_CONFIGS: &[&str] = &[
-    "model_index.json",
-    "tokenizer",
-    "text_encoder/config.json",
-    "unet/config.json",
-    "vae/config.json",
-];
+/// The folder of a single-file checkpoint's config folder that it cannot do without (the
+/// component configs it lacks are inferred from the tensors, the scheduler's is SD's).
+const TOKENIZER: &str = "tokenizer";
 
 impl PipelineFolder {
     /// A local diffusers folder, its weights read from it.
@@ -162,28 +157,22 @@ impl PipelineFolder {
         let beside = checkpoint.parent().unwrap_or(Path::new("."));
         let config = match &options.config {
             Some(dir) => dir.clone(),
-            None if beside.join("model_index.json").is_file() => beside.to_path_buf(),
+            None if beside.join(TOKENIZER).is_dir() => beside.to_path_buf(),
             None => bail!(
-                "{} is a single-file checkpoint: it holds the weights but not the configs and \
-                 tokenizer, which ldm reads from a diffusers folder of the same kind of model \
-                 (as diffusers' from_single_file(config=...) does offline). Pass --config DIR, \
-                 a folder with {} (e.g. stable-diffusion-v1-5 for SD 1.x, \
+                "{} is a single-file checkpoint: it holds the weights but no tokenizer, which \
+                 ldm reads from a diffusers folder of the same kind of model (as diffusers' \
+                 from_single_file(config=...) does offline). Pass --config DIR, a folder with \
+                 {TOKENIZER}/ and ideally model_index.json, scheduler/, text_encoder/, unet/ \
+                 and vae/ configs (e.g. those of stable-diffusion-v1-5 for SD 1.x, \
                  stable-diffusion-2-1 for SD 2.x), or put the checkpoint in such a folder",
-                checkpoint.display(),
-                SINGLE_FILE_CONFIGS.join(", ")
+                checkpoint.display()
             ),
         };
-        let missing: Vec<&str> = SINGLE_FILE_CONFIGS
-            .iter()
-            .copied()
-            .filter(|file| !config.join(file).exists())
-            .collect();
-        if !missing.is_empty() {
+        if !config.join(TOKENIZER).is_dir() {
             bail!(
-                "{} cannot configure the single-file checkpoint {}: it lacks {}",
+                "{} cannot configure the single-file checkpoint {}: it has no {TOKENIZER}/ folder",
                 config.display(),
-                checkpoint.display(),
-                missing.join(", ")
+                checkpoint.display()
             );
         }
         let name = checkpoint
@@ -295,9 +284,17 @@ impl PipelineFolder {
         }
     }
 
-    /// `model_index.json`.
+    /// `model_index.json`; a Stable Diffusion pipeline for a single-file checkpoint whose
+    /// config folder has none.
     pub fn model_index(&self) -> anyhow::Result<ModelIndex> {
-        ModelIndex::from_file(&self.root.join("model_index.json"))
+        let path = self.root.join("model_index.json");
+        if self.single_file.is_some() && !path.exists() {
+            return Ok(ModelIndex {
+                class_name: "StableDiffusionPipeline".into(),
+                force_zeros_for_empty_prompt: true,
+            });
+        }
+        ModelIndex::from_file(&path)
     }
 
     /// `<root>/<component>/config.json`.

@@ -15,6 +15,8 @@ pub use denoise::{DenoiseSpec, InpaintGuide};
 pub use generate::{Generated, ImageJob, MicroConditioning, Sampling, SourceImage};
 pub use mode::Mode;
 
+use std::path::Path;
+
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 
@@ -27,6 +29,7 @@ use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::schedulers::SchedulerConfig;
+use crate::single_file::Checkpoint;
 use crate::tokenizer::PromptTokenizer;
 use weights::{Part, Weights};
 
@@ -112,7 +115,13 @@ impl StableDiffusion {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
 
-        let unet_config = UNet2DConditionConfig::from_file(&folder.config("unet"))?;
+        let unet_config = component_config(
+            folder,
+            &weights,
+            "unet",
+            UNet2DConditionConfig::from_file,
+            Checkpoint::infer_unet_config,
+        )?;
         if let Some(checkpoint) = weights.checkpoint() {
             let channels = checkpoint.architecture().unet_in_channels;
             anyhow::ensure!(
@@ -141,7 +150,13 @@ impl StableDiffusion {
             index.class_name
         );
 
-        let vae_config = AutoencoderKLConfig::from_file(&folder.config("vae"))?;
+        let vae_config = component_config(
+            folder,
+            &weights,
+            "vae",
+            AutoencoderKLConfig::from_file,
+            Checkpoint::infer_vae_config,
+        )?;
         let vae_dtype = if dtype == DType::F16 && vae_config.force_upcast {
             DType::F32
         } else {
@@ -281,11 +296,39 @@ fn load_text_encoder(
     device: &Device,
 ) -> anyhow::Result<TextEncoder> {
     let tokenizer = PromptTokenizer::from_dir(&folder.root.join(tokenizer))?;
-    let config = ClipTextConfig::from_file(&folder.config(encoder))?;
+    let config = component_config(
+        folder,
+        weights,
+        encoder,
+        ClipTextConfig::from_file,
+        Checkpoint::infer_text_encoder_config,
+    )?;
     let part = Part::TextEncoder(encoder);
     let vb = weights.var_builder(part, loras, |_| true, dtype, device)?;
     let model = ClipTextModel::new(vb, &config).with_context(|| component_error(weights, part))?;
     Ok(TextEncoder { tokenizer, model })
+}
+
+/// A component's `config.json`, or for a single-file checkpoint whose config folder has none,
+/// the config inferred from the checkpoint's tensors.
+fn component_config<T>(
+    folder: &PipelineFolder,
+    weights: &Weights,
+    component: &str,
+    read: fn(&Path) -> anyhow::Result<T>,
+    infer: fn(&Checkpoint) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let path = folder.config(component);
+    match weights.checkpoint() {
+        Some(checkpoint) if !path.exists() => infer(checkpoint).with_context(|| {
+            format!(
+                "cannot infer the {component} config of {} ({} does not exist)",
+                checkpoint.path().display(),
+                path.display()
+            )
+        }),
+        _ => read(&path),
+    }
 }
 
 fn component_error(weights: &Weights, part: Part) -> String {

@@ -9,6 +9,7 @@
 //! configs and the tokenizer come from a diffusers folder (see `model_source`).
 
 mod clip_names;
+mod infer;
 mod source;
 mod unet_names;
 mod vae_names;
