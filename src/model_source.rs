@@ -90,8 +90,8 @@ impl ModelIndex {
 /// How `--model` is read beyond its name.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ModelOptions {
-    /// The diffusers folder whose configs and tokenizer a single-file checkpoint uses
-    /// (`--config`); default: the checkpoint's own folder when it is one.
+    /// The diffusers folder whose tokenizer and configs a single-file checkpoint uses
+    /// (`--config`); default: the checkpoint's own folder when it has a tokenizer.
     pub config: Option<PathBuf>,
     /// Replaces the scheduler config's prediction type (`--prediction-type`).
     pub prediction_type: Option<PredictionType>,

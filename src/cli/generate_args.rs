@@ -20,14 +20,14 @@ use crate::shard::Shard;
 #[derive(Debug, Args)]
 pub struct ModelArgs {
     /// Pipeline to use: a local diffusers folder, a single-file SD 1.x/2.x checkpoint
-    /// (.safetensors or .ckpt, with --config), a hub repo id (owner/name) or a preset
+    /// (.safetensors or .ckpt; see --config), a hub repo id (owner/name) or a preset
     /// (sd15, sd21, sd21-base, sd-turbo, sdxl, sdxl-turbo). Default: the embedded ldm model in weights/.
     #[arg(short, long, value_name = "MODEL")]
     pub model: Option<String>,
 
-    /// Single-file checkpoints: the diffusers folder of the same kind of model whose configs
-    /// and tokenizer to use (weights in it are ignored). Default: the checkpoint's own folder,
-    /// when it holds model_index.json.
+    /// Single-file checkpoints: the diffusers folder of the same kind of model whose tokenizer
+    /// (required) and configs to use; configs it lacks are inferred from the tensors, weights
+    /// in it are ignored. Default: the checkpoint's own folder, when it has a tokenizer/.
     #[arg(long, value_name = "DIR")]
     pub config: Option<PathBuf>,
 
