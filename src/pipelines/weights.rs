@@ -1,8 +1,6 @@
 //! Where a pipeline's component weights are read from: the component files of a diffusers
 //! folder, or the renamed tensors of a single-file checkpoint; LoRAs merged in either way.
 
-use std::path::Path;
-
 use anyhow::Context;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
@@ -30,6 +28,15 @@ impl Part<'_> {
             Self::Vae(_) => "vae",
             Self::TextEncoder("text_encoder") => "text_encoder",
             Self::TextEncoder(_) => "text_encoder_2",
+        }
+    }
+
+    /// The prefix of the component's tensors in a single-file checkpoint.
+    fn original_prefix(self) -> &'static str {
+        match self {
+            Self::Unet(_) => single_file::UNET_PREFIX,
+            Self::Vae(_) => single_file::VAE_PREFIX,
+            Self::TextEncoder(_) => "cond_stage_model.",
         }
     }
 
@@ -109,16 +116,12 @@ impl<'a> Weights<'a> {
                 checkpoint,
                 extract_ema,
             } => {
-                let (renamed, prefix) = match part {
-                    Part::Unet(config) => (
-                        checkpoint.unet(layers_per_block(config)?, *extract_ema)?,
-                        single_file::UNET_PREFIX,
-                    ),
-                    Part::Vae(config) => (
-                        checkpoint.vae(config.up_block_types.len()),
-                        single_file::VAE_PREFIX,
-                    ),
-                    Part::TextEncoder(_) => (checkpoint.text_encoder(), "cond_stage_model."),
+                let renamed = match part {
+                    Part::Unet(config) => {
+                        checkpoint.unet(layers_per_block(config)?, *extract_ema)?
+                    }
+                    Part::Vae(config) => checkpoint.vae(config.up_block_types.len()),
+                    Part::TextEncoder(_) => checkpoint.text_encoder(),
                 };
                 let mut tensors = match lora {
                     None => checkpoint.load(&renamed, keep)?,
@@ -127,12 +130,7 @@ impl<'a> Weights<'a> {
                 if let Some(component) = lora {
                     merge_into(&mut tensors, component, loras)?;
                 }
-                let what = format!(
-                    "the {} ({prefix}*) of {}",
-                    part.folder_name(),
-                    checkpoint.path().display()
-                );
-                Ok(single_file::var_builder(tensors, what, dtype, device))
+                Ok(single_file::var_builder(tensors, dtype, device))
             }
         }
     }
@@ -143,10 +141,11 @@ impl<'a> Weights<'a> {
             Self::Folder { folder, .. } => {
                 folder.root.join(part.folder_name()).display().to_string()
             }
-            Self::Checkpoint { checkpoint, .. } => {
-                let path: &Path = checkpoint.path();
-                format!("{} (checkpoint {})", part.folder_name(), path.display())
-            }
+            Self::Checkpoint { .. } => format!(
+                "{} from the checkpoint's {}* tensors",
+                part.folder_name(),
+                part.original_prefix()
+            ),
         }
     }
 }

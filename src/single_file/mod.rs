@@ -231,24 +231,20 @@ fn apply(tensor: Tensor, transform: Transform) -> anyhow::Result<Tensor> {
     })
 }
 
-/// A `VarBuilder` over a component's renamed tensors whose missing-tensor error names the
-/// checkpoint and the component.
+/// A `VarBuilder` over a component's renamed tensors whose errors say that the checkpoint
+/// lacks a tensor, or holds it in another shape than the config asks for.
 pub fn var_builder(
     tensors: HashMap<String, Tensor>,
-    what: String,
     dtype: DType,
     device: &Device,
 ) -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(Named { tensors, what }), dtype, device.clone())
+    VarBuilder::from_backend(Box::new(ComponentTensors(tensors)), dtype, device.clone())
 }
 
-struct Named {
-    tensors: HashMap<String, Tensor>,
-    /// "the U-Net (model.diffusion_model.*) of FILE".
-    what: String,
-}
+/// A component's tensors under diffusers' names.
+struct ComponentTensors(HashMap<String, Tensor>);
 
-impl SimpleBackend for Named {
+impl SimpleBackend for ComponentTensors {
     fn get(
         &self,
         shape: Shape,
@@ -260,8 +256,8 @@ impl SimpleBackend for Named {
         let tensor = self.get_unchecked(name, dtype, device)?;
         if tensor.shape() != &shape {
             candle_core::bail!(
-                "{name} of {} is {:?}, but the config asks for {:?} (a config of another model?)",
-                self.what,
+                "the checkpoint's {name} (diffusers' name) is {:?}, but the config asks for {:?} \
+                 (a config of another model?)",
                 tensor.dims(),
                 shape.dims()
             );
@@ -275,13 +271,13 @@ impl SimpleBackend for Named {
         dtype: DType,
         device: &Device,
     ) -> candle_core::Result<Tensor> {
-        let Some(tensor) = self.tensors.get(name) else {
-            candle_core::bail!("{} lacks the tensor diffusers names {name}", self.what);
+        let Some(tensor) = self.0.get(name) else {
+            candle_core::bail!("the checkpoint lacks {name} (diffusers' name)");
         };
         tensor.to_device(device)?.to_dtype(dtype)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.0.contains_key(name)
     }
 }
