@@ -27,9 +27,9 @@ loaded components equal the tiny pipeline's own weights (so the files are origin
 them), then records the pipeline runs as make_fixtures.py does.
 """
 
-import io
 import json
 import pickle
+import pickletools
 import sys
 import zipfile
 from pathlib import Path
@@ -216,7 +216,7 @@ def write_code_pickle(path):
     """A torch-style zip (archive/data.pkl) whose pickle calls posix.system('touch ldm-pickle-ran')."""
     payload = (b"\x80\x02}q\x00X\n\x00\x00\x00state_dictq\x01}q\x02X\x01\x00\x00\x00xq\x03"
                b"cposix\nsystem\nq\x04X\x14\x00\x00\x00touch ldm-pickle-ranq\x05\x85q\x06Rq\x07ss.")
-    ops = [op.name for op, _, _ in __import__("pickletools").genops(payload)]
+    ops = [op.name for op, _, _ in pickletools.genops(payload)]
     assert "GLOBAL" in ops and "REDUCE" in ops, ops
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
         for name, data in (("archive/data.pkl", payload), ("archive/version", b"3\n")):
