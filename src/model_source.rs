@@ -1,5 +1,6 @@
-//! Where a pipeline's files come from: a local diffusers folder, a hub repo, a preset name, or
-//! the embedded default model in `weights/`.
+//! Where a pipeline's files come from: a local diffusers folder, a single-file checkpoint (with
+//! the configs of a diffusers folder), a hub repo, a preset name, or the embedded default model
+//! in `weights/`.
 //!
 //! Whatever the source, the result is a local folder in the diffusers layout
 //! (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`, and for
@@ -12,6 +13,8 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use hf_hub::api::sync::{ApiBuilder, ApiRepo};
 use hf_hub::{Cache, Repo};
+
+use crate::schedulers::PredictionType;
 
 /// Presets users can name instead of a hub repo id.
 pub const PRESETS: &[(&str, &str)] = &[
@@ -84,16 +87,109 @@ impl ModelIndex {
     }
 }
 
+/// How `--model` is read beyond its name.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelOptions {
+    /// The diffusers folder whose tokenizer and configs a single-file checkpoint uses
+    /// (`--config`); default: the checkpoint's own folder when it has a tokenizer.
+    pub config: Option<PathBuf>,
+    /// Replaces the scheduler config's prediction type (`--prediction-type`).
+    pub prediction_type: Option<PredictionType>,
+    /// A single-file checkpoint's U-Net from its EMA weights (`--extract-ema`).
+    pub extract_ema: bool,
+}
+
+/// A single-file checkpoint (see [`crate::single_file`]) used in place of a folder's weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SingleFile {
+    pub checkpoint: PathBuf,
+    pub extract_ema: bool,
+}
+
 /// A pipeline folder on local disk, and the name it is known by (recorded in image metadata).
+/// For a single-file checkpoint, the folder of its configs and tokenizer.
 #[derive(Debug, Clone)]
 pub struct PipelineFolder {
     pub root: PathBuf,
     pub name: String,
+    /// The weights, when they come from one checkpoint file instead of the folder's.
+    pub single_file: Option<SingleFile>,
+    /// Replaces the scheduler config's prediction type.
+    pub prediction_type: Option<PredictionType>,
 }
 
+/// The folder of a single-file checkpoint's config folder that it cannot do without (the
+/// component configs it lacks are inferred from the tensors, the scheduler's is SD's).
+const TOKENIZER: &str = "tokenizer";
+
 impl PipelineFolder {
+    /// A local diffusers folder, its weights read from it.
+    pub fn new(root: &Path, name: &str) -> Self {
+        Self {
+            root: root.to_path_buf(),
+            name: name.to_string(),
+            single_file: None,
+            prediction_type: None,
+        }
+    }
+
     /// Resolves `--model`: `None` means the embedded default.
-    pub fn resolve(model: Option<&str>, half_precision: bool) -> anyhow::Result<Self> {
+    pub fn resolve(
+        model: Option<&str>,
+        half_precision: bool,
+        options: &ModelOptions,
+    ) -> anyhow::Result<Self> {
+        let is_file = model.is_some_and(|m| Path::new(m).is_file());
+        if !is_file && (options.config.is_some() || options.extract_ema) {
+            bail!("--config and --extract-ema apply to single-file checkpoints only");
+        }
+        let mut folder = match model {
+            Some(file) if is_file => Self::single_file(Path::new(file), options)?,
+            _ => Self::resolve_folder(model, half_precision)?,
+        };
+        folder.prediction_type = options.prediction_type;
+        Ok(folder)
+    }
+
+    /// A single-file checkpoint with the configs and tokenizer of `options.config`, else of
+    /// the folder it lies in.
+    fn single_file(checkpoint: &Path, options: &ModelOptions) -> anyhow::Result<Self> {
+        let beside = checkpoint.parent().unwrap_or(Path::new("."));
+        let config = match &options.config {
+            Some(dir) => dir.clone(),
+            None if beside.join(TOKENIZER).is_dir() => beside.to_path_buf(),
+            None => bail!(
+                "{} is a single-file checkpoint: it holds the weights but no tokenizer, which \
+                 ldm reads from a diffusers folder of the same kind of model (as diffusers' \
+                 from_single_file(config=...) does offline). Pass --config DIR, a folder with \
+                 {TOKENIZER}/ and ideally model_index.json, scheduler/, text_encoder/, unet/ \
+                 and vae/ configs (e.g. those of stable-diffusion-v1-5 for SD 1.x, \
+                 stable-diffusion-2-1 for SD 2.x), or put the checkpoint in such a folder",
+                checkpoint.display()
+            ),
+        };
+        if !config.join(TOKENIZER).is_dir() {
+            bail!(
+                "{} cannot configure the single-file checkpoint {}: it has no {TOKENIZER}/ folder",
+                config.display(),
+                checkpoint.display()
+            );
+        }
+        let name = checkpoint
+            .file_stem()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| checkpoint.display().to_string());
+        Ok(Self {
+            single_file: Some(SingleFile {
+                checkpoint: checkpoint.to_path_buf(),
+                extract_ema: options.extract_ema,
+            }),
+            ..Self::new(&config, &name)
+        })
+    }
+
+    /// `--model` naming a folder, hub repo or preset (`None`: the embedded default).
+    fn resolve_folder(model: Option<&str>, half_precision: bool) -> anyhow::Result<Self> {
         let Some(model) = model else {
             let dir = crate::default_model::dir()?;
             if !dir.join("model_index.json").is_file() {
@@ -114,6 +210,10 @@ impl PipelineFolder {
                 .unwrap_or_else(|| model.to_string());
             return Self::local(path, &name);
         }
+        let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if ["safetensors", "ckpt", "pt", "pth"].contains(&extension) {
+            bail!("no such checkpoint file: {}", path.display());
+        }
         if let Some((_, repo)) = PRESETS.iter().find(|(preset, _)| *preset == model) {
             return Self::from_hub(repo, half_precision);
         }
@@ -121,7 +221,8 @@ impl PipelineFolder {
             return Self::from_hub(model, half_precision);
         }
         bail!(
-            "model {model:?} is neither a pipeline folder, a hub repo id (owner/name) nor a preset ({})",
+            "model {model:?} is neither a single-file checkpoint, a pipeline folder, a hub repo id \
+             (owner/name) nor a preset ({})",
             preset_names()
         )
     }
@@ -135,10 +236,7 @@ impl PipelineFolder {
                 index.display()
             );
         }
-        Ok(Self {
-            root: root.to_path_buf(),
-            name: name.to_string(),
-        })
+        Ok(Self::new(root, name))
     }
 
     /// Fetches only the files a pipeline needs (the fp16 weights when running in half
@@ -175,15 +273,28 @@ impl PipelineFolder {
             .parent()
             .context("hub cache path has no parent")?
             .to_path_buf();
-        Ok(Self {
-            root,
-            name: repo_id.to_string(),
-        })
+        Ok(Self::new(&root, repo_id))
     }
 
-    /// `model_index.json`.
+    /// What the model is read from, for messages: the checkpoint file, else the folder.
+    pub fn location(&self) -> &Path {
+        match &self.single_file {
+            Some(file) => &file.checkpoint,
+            None => &self.root,
+        }
+    }
+
+    /// `model_index.json`; a Stable Diffusion pipeline for a single-file checkpoint whose
+    /// config folder has none.
     pub fn model_index(&self) -> anyhow::Result<ModelIndex> {
-        ModelIndex::from_file(&self.root.join("model_index.json"))
+        let path = self.root.join("model_index.json");
+        if self.single_file.is_some() && !path.exists() {
+            return Ok(ModelIndex {
+                class_name: "StableDiffusionPipeline".into(),
+                force_zeros_for_empty_prompt: true,
+            });
+        }
+        ModelIndex::from_file(&path)
     }
 
     /// `<root>/<component>/config.json`.

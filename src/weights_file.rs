@@ -103,7 +103,18 @@ impl WeightsFile {
         Ok(VarBuilder::from_tensors(tensors, dtype, device))
     }
 
-    fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
+    /// The names of the file's tensors.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    /// A tensor's shape, `None` when the file has no such tensor.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|entry| entry.shape.as_slice())
+    }
+
+    /// One tensor, in the file's dtype.
+    pub fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
         let Some(entry) = self.entries.get(name) else {
             return Err(candle_core::Error::CannotFindTensor {
                 path: name.to_string(),

@@ -19,10 +19,7 @@ const EMBED_TOL: f32 = 5e-5;
 const LATENT_TOL: f32 = 2e-4;
 
 fn pipeline(name: &str) -> StableDiffusion {
-    let folder = PipelineFolder {
-        root: common::fixture(&format!("tiny-{name}")),
-        name: name.to_string(),
-    };
+    let folder = PipelineFolder::new(&common::fixture(&format!("tiny-{name}")), name);
     StableDiffusion::load(&folder, &Device::Cpu, DType::F32).unwrap()
 }
 

@@ -207,7 +207,8 @@ fn loss_falls_and_the_export_is_a_working_pipeline() {
     );
 
     // The real pipeline loads it, its U-Net is the EMA one, and it generates.
-    let folder = PipelineFolder::resolve(Some(out.to_str().unwrap()), false).unwrap();
+    let folder =
+        PipelineFolder::resolve(Some(out.to_str().unwrap()), false, &Default::default()).unwrap();
     let pipeline = StableDiffusion::load(&folder, &Device::Cpu, DType::F32).unwrap();
     let sampling = Sampling {
         sampler: SamplerKind::Ddim,
@@ -561,7 +562,9 @@ fn half_precision_export_halves_the_weights_and_still_loads() {
                 .filter(|n| n.starts_with('.'))
                 .collect();
             assert!(leftovers.is_empty(), "{leftovers:?}");
-            let folder = PipelineFolder::resolve(Some(out.to_str().unwrap()), false).unwrap();
+            let folder =
+                PipelineFolder::resolve(Some(out.to_str().unwrap()), false, &Default::default())
+                    .unwrap();
             let pipeline = StableDiffusion::load(&folder, &Device::Cpu, DType::F32).unwrap();
             let x = common::randn(8, &[1, 4, 8, 8], DType::F32);
             let t = Tensor::new(&[500f32], &Device::Cpu).unwrap();

@@ -469,10 +469,7 @@ fn force_upcast_decodes_in_f32_under_f16() {
     )
     .unwrap();
     let decoded_dtype = |root: std::path::PathBuf, dtype: DType| {
-        let folder = PipelineFolder {
-            root,
-            name: "tiny-sdxl".into(),
-        };
+        let folder = PipelineFolder::new(&root, "tiny-sdxl");
         let pipe = StableDiffusion::load(&folder, &Device::Cpu, dtype).unwrap();
         let latents = Tensor::zeros((1, 4, 8, 8), dtype, &Device::Cpu).unwrap();
         pipe.decode_latents(&latents).unwrap().dtype()
@@ -489,10 +486,7 @@ fn force_upcast_decodes_in_f32_under_f16() {
 fn decoder_only_vae_decodes_the_same_and_refuses_to_encode() {
     use ldm::model_source::PipelineFolder;
     use ldm::pipelines::{StableDiffusion, VaeParts};
-    let folder = PipelineFolder {
-        root: fixture("tiny-sd1"),
-        name: "tiny-sd1".into(),
-    };
+    let folder = PipelineFolder::new(&fixture("tiny-sd1"), "tiny-sd1");
     let load = |parts| {
         StableDiffusion::load_with_loras(&folder, &Device::Cpu, DType::F32, &[], parts).unwrap()
     };

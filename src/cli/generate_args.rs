@@ -11,18 +11,35 @@ use super::conditioning::ConditioningArgs;
 use super::lora::LoraArgs;
 use crate::device::{DeviceSpec, Precision};
 use crate::lora::LoraSpec;
-use crate::model_source::PipelineFolder;
+use crate::model_source::{ModelOptions, PipelineFolder};
 use crate::pipelines::{Generated, MicroConditioning, Sampling, StableDiffusion, VaeParts};
-use crate::schedulers::SamplerKind;
+use crate::schedulers::{PredictionType, SamplerKind};
 use crate::shard::Shard;
 
 /// Model, device and precision: how a pipeline is loaded.
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// Pipeline to use: a local diffusers folder, a hub repo id (owner/name) or a preset
+    /// Pipeline to use: a local diffusers folder, a single-file SD 1.x/2.x checkpoint
+    /// (.safetensors or .ckpt; see --config), a hub repo id (owner/name) or a preset
     /// (sd15, sd21, sd21-base, sd-turbo, sdxl, sdxl-turbo). Default: the embedded ldm model in weights/.
     #[arg(short, long, value_name = "MODEL")]
     pub model: Option<String>,
+
+    /// Single-file checkpoints: the diffusers folder of the same kind of model whose tokenizer
+    /// (required) and configs to use; configs it lacks are inferred from the tensors, weights
+    /// in it are ignored. Default: the checkpoint's own folder, when it has a tokenizer/.
+    #[arg(long, value_name = "DIR")]
+    pub config: Option<PathBuf>,
+
+    /// The model's prediction type (epsilon, v_prediction, sample), replacing the scheduler
+    /// config's: single files do not record it (SD 2.x 768 models are v_prediction).
+    #[arg(long, value_name = "TYPE")]
+    pub prediction_type: Option<PredictionType>,
+
+    /// Single-file checkpoints: read the U-Net from the EMA weights (model_ema.*) of a
+    /// training checkpoint that holds both, as diffusers' extract_ema=True does.
+    #[arg(long)]
+    pub extract_ema: bool,
 
     /// Device: cpu, cuda, cuda:N or metal. Default: the first GPU this build supports, else cpu.
     #[arg(long, value_name = "DEVICE")]
@@ -40,9 +57,19 @@ impl ModelArgs {
     /// The pipeline with `loras` merged in, and the VAE parts the run needs.
     pub fn load(&self, loras: &[LoraSpec], vae_parts: VaeParts) -> anyhow::Result<StableDiffusion> {
         let (device, dtype) = self.device_and_dtype()?;
-        let folder = PipelineFolder::resolve(self.model.as_deref(), dtype != DType::F32)?;
+        let folder =
+            PipelineFolder::resolve(self.model.as_deref(), dtype != DType::F32, &self.options())?;
         StableDiffusion::load_with_loras(&folder, &device, dtype, loras, vae_parts)
-            .with_context(|| format!("cannot load model {}", folder.root.display()))
+            .with_context(|| format!("cannot load model {}", folder.location().display()))
+    }
+
+    /// How `--model` is read.
+    pub fn options(&self) -> ModelOptions {
+        ModelOptions {
+            config: self.config.clone(),
+            prediction_type: self.prediction_type,
+            extract_ema: self.extract_ema,
+        }
     }
 
     /// The device opened, and the precision to run in on it.

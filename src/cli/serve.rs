@@ -44,6 +44,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (device, dtype) = args.model.device_and_dtype()?;
     let config = ServeConfig {
         model: args.model.model.clone(),
+        model_options: args.model.options(),
         models_dir: args.models_dir,
         device,
         dtype,

@@ -8,6 +8,7 @@ pub mod batch;
 mod denoise;
 mod generate;
 mod mode;
+mod weights;
 
 pub use batch::BatchSummary;
 pub use denoise::{DenoiseSpec, InpaintGuide};
@@ -18,18 +19,19 @@ use std::path::Path;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 
 use crate::conditioning::{
     EncoderStyle, PromptEmbeddings, PromptEncoder, PromptOptions, TextEncoder,
 };
-use crate::lora::{merge_into, Component, LoraFile, LoraSpec};
-use crate::model_source::{var_builder, var_builder_where, PipelineFolder};
+use crate::lora::{LoraFile, LoraSpec};
+use crate::model_source::PipelineFolder;
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::schedulers::SchedulerConfig;
+use crate::single_file::Checkpoint;
 use crate::tokenizer::PromptTokenizer;
+use weights::{Part, Weights};
 
 /// What kind of pipeline a folder holds (from its `model_index.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,7 +87,7 @@ impl StableDiffusion {
             .iter()
             .map(|spec| Ok((LoraFile::read(&spec.path)?, spec.clone())))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let half = dtype != DType::F32;
+        let weights = Weights::open(folder, dtype != DType::F32)?;
         let index = folder.model_index()?;
         let kind = if index.is_sdxl() {
             PipelineKind::StableDiffusionXl {
@@ -94,37 +96,48 @@ impl StableDiffusion {
         } else {
             PipelineKind::StableDiffusion
         };
-        let mut scheduler_config =
-            SchedulerConfig::from_file(&folder.root.join("scheduler/scheduler_config.json"))?;
-        if kind == PipelineKind::StableDiffusion {
-            // diffusers' Stable Diffusion pipelines patch outdated scheduler configs on load
-            // (its SDXL pipelines do not).
-            scheduler_config.steps_offset = 1;
-            scheduler_config.clip_sample = false;
+        if let Some(checkpoint) = weights.checkpoint() {
+            anyhow::ensure!(
+                kind == PipelineKind::StableDiffusion,
+                "{} is an {} checkpoint but the config folder {} holds an SDXL pipeline",
+                checkpoint.path().display(),
+                checkpoint.architecture(),
+                folder.root.display()
+            );
         }
+        let scheduler_config = scheduler_config(folder, kind)?;
 
         let text_encoders = index
             .text_encoders()
             .iter()
             .map(|(encoder, tokenizer)| {
-                let component = match *encoder {
-                    "text_encoder" => Some(Component::TextEncoder),
-                    _ => None,
-                };
-                load_text_encoder(folder, encoder, tokenizer, component, &loras, dtype, device)
+                load_text_encoder(folder, &weights, encoder, tokenizer, &loras, dtype, device)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
 
-        let unet_config = UNet2DConditionConfig::from_file(&folder.config("unet"))?;
-        let vb = lora_weights(
-            &folder.weights("unet", half)?,
-            Some(Component::Unet),
-            &loras,
-            dtype,
-            device,
+        let unet_config = component_config(
+            folder,
+            &weights,
+            "unet",
+            UNet2DConditionConfig::from_file,
+            Checkpoint::infer_unet_config,
         )?;
+        if let Some(checkpoint) = weights.checkpoint() {
+            let channels = checkpoint.architecture().unet_in_channels;
+            anyhow::ensure!(
+                unet_config.in_channels == channels,
+                "{} is an {} checkpoint (U-Net with {channels} input channels) but {} says {}: \
+                 pass the config folder of the same kind of model",
+                checkpoint.path().display(),
+                checkpoint.architecture(),
+                folder.config("unet").display(),
+                unet_config.in_channels
+            );
+        }
+        let part = Part::Unet(&unet_config);
+        let vb = weights.var_builder(part, &loras, |_| true, dtype, device)?;
         let unet = UNet2DConditionModel::new(vb, &unet_config)
-            .with_context(|| component_error(folder, "unet"))?;
+            .with_context(|| component_error(&weights, part))?;
         anyhow::ensure!(
             unet_config.has_text_time() == (text_encoders.len() == 2),
             "{}: the U-Net {} SDXL's added text/time conditioning but the pipeline is {}",
@@ -137,24 +150,31 @@ impl StableDiffusion {
             index.class_name
         );
 
-        let vae_config = AutoencoderKLConfig::from_file(&folder.config("vae"))?;
+        let vae_config = component_config(
+            folder,
+            &weights,
+            "vae",
+            AutoencoderKLConfig::from_file,
+            Checkpoint::infer_vae_config,
+        )?;
         let vae_dtype = if dtype == DType::F16 && vae_config.force_upcast {
             DType::F32
         } else {
             dtype
         };
-        let vae_weights = folder.weights("vae", half)?;
+        let part = Part::Vae(&vae_config);
         let vae = match vae_parts {
             VaeParts::EncoderAndDecoder => {
-                AutoencoderKL::new(var_builder(&vae_weights, vae_dtype, device)?, &vae_config)
+                let vb = weights.var_builder(part, &loras, |_| true, vae_dtype, device)?;
+                AutoencoderKL::new(vb, &vae_config)
             }
             VaeParts::DecoderOnly => {
                 let keep = AutoencoderKL::is_decoder_weight;
-                let vb = var_builder_where(&vae_weights, vae_dtype, device, keep)?;
+                let vb = weights.var_builder(part, &loras, keep, vae_dtype, device)?;
                 AutoencoderKL::decoder_only(vb, &vae_config)
             }
         }
-        .with_context(|| component_error(folder, "vae"))?;
+        .with_context(|| component_error(&weights, part))?;
 
         Ok(Self {
             text_encoders,
@@ -241,57 +261,76 @@ impl StableDiffusion {
     }
 }
 
-/// A text encoder and its tokenizer, with the LoRAs' updates for `component` merged in.
+/// The scheduler config: the folder's (Stable Diffusion's defaults for a single-file
+/// checkpoint whose config folder has none), with `--prediction-type` applied.
+fn scheduler_config(
+    folder: &PipelineFolder,
+    kind: PipelineKind,
+) -> anyhow::Result<SchedulerConfig> {
+    let path = folder.root.join("scheduler/scheduler_config.json");
+    let mut config = if folder.single_file.is_some() && !path.exists() {
+        SchedulerConfig::stable_diffusion()
+    } else {
+        SchedulerConfig::from_file(&path)?
+    };
+    if kind == PipelineKind::StableDiffusion {
+        // diffusers' Stable Diffusion pipelines patch outdated scheduler configs on load
+        // (its SDXL pipelines do not).
+        config.steps_offset = 1;
+        config.clip_sample = false;
+    }
+    if let Some(prediction_type) = folder.prediction_type {
+        config.prediction_type = prediction_type;
+    }
+    Ok(config)
+}
+
+/// A text encoder and its tokenizer, with the LoRAs' updates for it merged in.
 fn load_text_encoder(
     folder: &PipelineFolder,
+    weights: &Weights,
     encoder: &str,
     tokenizer: &str,
-    component: Option<Component>,
     loras: &[(LoraFile, LoraSpec)],
     dtype: DType,
     device: &Device,
 ) -> anyhow::Result<TextEncoder> {
-    let half = dtype != DType::F32;
     let tokenizer = PromptTokenizer::from_dir(&folder.root.join(tokenizer))?;
-    let config = ClipTextConfig::from_file(&folder.config(encoder))?;
-    let vb = lora_weights(
-        &folder.weights(encoder, half)?,
-        component,
-        loras,
-        dtype,
-        device,
+    let config = component_config(
+        folder,
+        weights,
+        encoder,
+        ClipTextConfig::from_file,
+        Checkpoint::infer_text_encoder_config,
     )?;
-    let model =
-        ClipTextModel::new(vb, &config).with_context(|| component_error(folder, encoder))?;
+    let part = Part::TextEncoder(encoder);
+    let vb = weights.var_builder(part, loras, |_| true, dtype, device)?;
+    let model = ClipTextModel::new(vb, &config).with_context(|| component_error(weights, part))?;
     Ok(TextEncoder { tokenizer, model })
 }
 
-/// A component's weights with the LoRAs' updates for it merged in (read as they are when no
-/// LoRA touches it).
-fn lora_weights(
-    path: &Path,
-    component: Option<Component>,
-    loras: &[(LoraFile, LoraSpec)],
-    dtype: DType,
-    device: &Device,
-) -> anyhow::Result<VarBuilder<'static>> {
-    let touched = |component| {
-        loras
-            .iter()
-            .any(|(file, _)| file.adapters.iter().any(|a| a.component == component))
-    };
-    let Some(component) = component.filter(|&c| touched(c)) else {
-        return var_builder(path, dtype, device);
-    };
-    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
-        .with_context(|| format!("cannot read weights file {}", path.display()))?;
-    merge_into(&mut tensors, component, loras)?;
-    Ok(VarBuilder::from_tensors(tensors, dtype, device))
+/// A component's `config.json`, or for a single-file checkpoint whose config folder has none,
+/// the config inferred from the checkpoint's tensors.
+fn component_config<T>(
+    folder: &PipelineFolder,
+    weights: &Weights,
+    component: &str,
+    read: fn(&Path) -> anyhow::Result<T>,
+    infer: fn(&Checkpoint) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let path = folder.config(component);
+    match weights.checkpoint() {
+        Some(checkpoint) if !path.exists() => infer(checkpoint).with_context(|| {
+            format!(
+                "cannot infer the {component} config of {} ({} does not exist)",
+                checkpoint.path().display(),
+                path.display()
+            )
+        }),
+        _ => read(&path),
+    }
 }
 
-fn component_error(folder: &PipelineFolder, component: &str) -> String {
-    format!(
-        "cannot build the {component} from {}",
-        folder.root.join(component).display()
-    )
+fn component_error(weights: &Weights, part: Part) -> String {
+    format!("cannot build the {}", weights.describe(part))
 }

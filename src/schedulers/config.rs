@@ -120,6 +120,33 @@ impl SchedulerConfig {
     }
 }
 
+impl SchedulerConfig {
+    /// Stable Diffusion's scheduler config (SD 1.5's `scheduler_config.json`, which diffusers'
+    /// `from_single_file` reads for an SD checkpoint without a config): scaled-linear betas
+    /// 0.00085 to 0.012 over 1000 steps, `steps_offset` 1, ᾱ before the first step ᾱ₀, no
+    /// clipping, ε-prediction, each sampler's own timestep spacing.
+    pub fn stable_diffusion() -> Self {
+        Self {
+            beta_start: 0.00085,
+            beta_end: 0.012,
+            beta_schedule: BetaSchedule::ScaledLinear,
+            clip_sample: false,
+            set_alpha_to_one: false,
+            steps_offset: 1,
+            ..Self::default()
+        }
+    }
+}
+
+impl std::str::FromStr for PredictionType {
+    type Err = String;
+
+    /// diffusers' spellings: `epsilon`, `v_prediction`, `sample`.
+    fn from_str(value: &str) -> Result<Self, String> {
+        Self::CHOICES.parse("prediction_type", value)
+    }
+}
+
 impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {

@@ -376,7 +376,7 @@ async fn sd_models(State(state): State<Arc<AppState>>) -> Json<Value> {
                 "model_name": folder.name,
                 "hash": null,
                 "sha256": null,
-                "filename": folder.root.display().to_string(),
+                "filename": folder.location().display().to_string(),
                 "config": null,
             })
         })

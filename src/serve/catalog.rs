@@ -1,5 +1,5 @@
-//! The models a server can switch between: the one it starts with (`--model`, else the default
-//! model) and every diffusers pipeline folder found in `--models-dir`.
+//! The models a server can switch between: the one it starts with (`--model`, a folder or a
+//! single-file checkpoint, else the default model) and every diffusers pipeline folder found in `--models-dir`.
 
 use std::path::Path;
 
@@ -7,7 +7,7 @@ use anyhow::Context;
 use candle_core::{DType, Device};
 
 use crate::lora::LoraSpec;
-use crate::model_source::PipelineFolder;
+use crate::model_source::{ModelOptions, PipelineFolder};
 use crate::pipelines::{StableDiffusion, VaeParts};
 
 /// Every model a server may load, and how to load one.
@@ -24,13 +24,14 @@ impl Catalog {
     /// folders directly inside `models_dir`, by name; each loads with `loras` merged in.
     pub fn new(
         model: Option<&str>,
+        options: &ModelOptions,
         models_dir: Option<&Path>,
         device: Device,
         dtype: DType,
         loras: Vec<LoraSpec>,
     ) -> anyhow::Result<Self> {
         let half = dtype != DType::F32;
-        let mut folders = vec![PipelineFolder::resolve(model, half)?];
+        let mut folders = vec![PipelineFolder::resolve(model, half, options)?];
         if let Some(dir) = models_dir {
             let mut found = Vec::new();
             let entries = std::fs::read_dir(dir)
@@ -43,7 +44,11 @@ impl Catalog {
                     let name = path
                         .to_str()
                         .with_context(|| format!("{} is not a UTF-8 path", path.display()))?;
-                    found.push(PipelineFolder::resolve(Some(name), half)?);
+                    found.push(PipelineFolder::resolve(
+                        Some(name),
+                        half,
+                        &Default::default(),
+                    )?);
                 }
             }
             found.sort_by(|a, b| a.name.cmp(&b.name));
@@ -91,6 +96,6 @@ impl Catalog {
             &self.loras,
             VaeParts::EncoderAndDecoder,
         )
-        .with_context(|| format!("cannot load model {}", folder.root.display()))
+        .with_context(|| format!("cannot load model {}", folder.location().display()))
     }
 }

@@ -45,6 +45,8 @@ const MAX_BODY: usize = 64 << 20;
 pub struct ServeConfig {
     /// As `--model` takes it; `None` is the default model.
     pub model: Option<String>,
+    /// How `model` is read (a single file's config folder, the prediction type).
+    pub model_options: crate::model_source::ModelOptions,
     /// More pipeline folders clients may switch to.
     pub models_dir: Option<PathBuf>,
     pub device: Device,
@@ -157,6 +159,7 @@ fn prepare(config: &ServeConfig) -> anyhow::Result<(Arc<AppState>, std::net::Tcp
     anyhow::ensure!(config.max_queue > 0, "--max-queue must be at least 1");
     let catalog = Arc::new(Catalog::new(
         config.model.as_deref(),
+        &config.model_options,
         config.models_dir.as_deref(),
         config.device.clone(),
         config.dtype,

@@ -21,6 +21,7 @@ pub struct TestServer {
 pub fn config() -> ServeConfig {
     ServeConfig {
         model: None,
+        model_options: Default::default(),
         models_dir: None,
         device: Device::Cpu,
         dtype: DType::F32,

@@ -433,10 +433,7 @@ impl TrainingRun for Trainer<'_> {
     fn save_samples(&mut self, observer: &mut dyn TrainObserver) -> anyhow::Result<()> {
         self.export()?;
         let out = &self.cfg.output_dir;
-        let folder = PipelineFolder {
-            root: out.clone(),
-            name: format!("step {}", self.step),
-        };
+        let folder = PipelineFolder::new(out, &format!("step {}", self.step));
         let pipeline = StableDiffusion::load(&folder, &self.cfg.device, DType::F32)?;
         let settings = &self.cfg.samples;
         let sampling = Sampling {
