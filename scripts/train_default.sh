@@ -98,5 +98,13 @@ if [[ "$install" == 1 ]]; then
     done
     rm -rf "$repo/weights/vae"
     cp -r "$work/vae-ft/vae" "$repo/weights/vae"
+    # The guidance scale chosen by the evaluation (weights/README.md): the default of runs
+    # without -g, under model_index.json's "_ldm" (diffusers ignores keys that start with _).
+    "$python" - "$repo/weights/model_index.json" <<'PY'
+import json, sys
+index = json.load(open(sys.argv[1]))
+index["_ldm"] = {"guidance_scale": 2.0}
+open(sys.argv[1], "w").write(json.dumps(index, indent=2) + "\n")
+PY
     echo "installed $work/pipeline with the VAE of $work/vae-ft into $repo/weights"
 fi

@@ -58,6 +58,18 @@ pub struct ModelIndex {
     /// (diffusers' default when the file does not say).
     #[serde(default = "default_true")]
     pub force_zeros_for_empty_prompt: bool,
+    /// ldm's recommended settings for this model, under `_ldm` (diffusers ignores keys that
+    /// start with `_`): the defaults of the flags a run leaves out.
+    #[serde(rename = "_ldm", default)]
+    pub recommended: Recommended,
+}
+
+/// A model's recommended sampling settings (`model_index.json`'s `_ldm`), e.g.
+/// `{"guidance_scale": 2.0}` for a small model that over-saturates at SD's 7.5.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recommended {
+    pub guidance_scale: Option<f64>,
 }
 
 fn default_true() -> bool {
@@ -292,6 +304,7 @@ impl PipelineFolder {
             return Ok(ModelIndex {
                 class_name: "StableDiffusionPipeline".into(),
                 force_zeros_for_empty_prompt: true,
+                recommended: Recommended::default(),
             });
         }
         ModelIndex::from_file(&path)

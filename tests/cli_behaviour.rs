@@ -47,6 +47,40 @@ fn run(args: &[String]) -> Output {
 /// Asserts a clean failure whose message contains every `needle`.
 use common::{assert_clean_error, copy_dir};
 
+/// The guidance scale a run without `-g` uses: the model's recommendation (`_ldm` in its
+/// model_index.json), else 7.5; `-g` always wins.
+#[test]
+fn guidance_defaults_to_the_models_recommendation_else_7_5() {
+    let dir = tempfile::tempdir().unwrap();
+    let recommending = dir.path().join("recommending");
+    copy_dir(Path::new(&tiny_sd1()), &recommending);
+    let index = recommending.join("model_index.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+    json["_ldm"] = serde_json::json!({"guidance_scale": 3.5});
+    std::fs::write(&index, json.to_string()).unwrap();
+    let cfg_scale = |model: &Path, extra: &[&str], name: &str| {
+        let out = dir.path().join(name);
+        let mut args = quick(&["--seed", "1", "-o", out.to_str().unwrap()]);
+        args[3] = model.to_str().unwrap().to_string();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let output = run(&args);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let text = ldm::image_io::read_png_parameters(&out).unwrap().unwrap();
+        let field = text.split(", ").find_map(|f| f.strip_prefix("CFG scale: "));
+        field
+            .unwrap_or_else(|| panic!("no CFG scale in {text:?}"))
+            .to_string()
+    };
+    assert_eq!(cfg_scale(Path::new(&tiny_sd1()), &[], "plain.png"), "7.5");
+    assert_eq!(cfg_scale(&recommending, &[], "recommended.png"), "3.5");
+    assert_eq!(cfg_scale(&recommending, &["-g", "6"], "told.png"), "6.0");
+}
+
 #[test]
 fn png_records_how_it_was_made() {
     let dir = tempfile::tempdir().unwrap();

@@ -47,7 +47,8 @@ pub fn txt2img(args: Txt2ImgArgs) -> anyhow::Result<()> {
     let loras = args.model.lora.for_prompt(&args.prompt.text())?;
     let pipeline = args.model.load(&loras, vae_parts)?;
     let (width, height) = pipeline.default_size();
-    let sampling = args.sampling.sampling(width, height, 1.0);
+    let guidance = pipeline.default_guidance_scale();
+    let sampling = args.sampling.sampling(width, height, guidance, 1.0);
     if let Some(file) = &args.batch.from_file {
         let source = SourceArgs {
             image: None,
@@ -133,7 +134,8 @@ fn edit(
     )?;
     if let Some(file) = &batch_args.from_file {
         let (width, height) = pipeline.default_size();
-        let sampling = args.sampling(width, height, source.strength);
+        let guidance = pipeline.default_guidance_scale();
+        let sampling = args.sampling(width, height, guidance, source.strength);
         let run = PromptFileRun {
             file,
             args: &batch_args.run,
@@ -163,7 +165,8 @@ fn edit(
         pixels: crate::image_io::source_image_tensor(&image, width, height)?,
         mask,
     };
-    let sampling = args.sampling(width, height, source.strength);
+    let guidance = pipeline.default_guidance_scale();
+    let sampling = args.sampling(width, height, guidance, source.strength);
     run(
         &pipeline,
         &sampling,
@@ -180,7 +183,10 @@ pub fn batch_command(args: BatchCommandArgs) -> anyhow::Result<()> {
         .model
         .load(&args.model.lora.loras, VaeParts::EncoderAndDecoder)?;
     let (width, height) = pipeline.default_size();
-    let sampling = args.sampling.sampling(width, height, args.strength);
+    let guidance = pipeline.default_guidance_scale();
+    let sampling = args
+        .sampling
+        .sampling(width, height, guidance, args.strength);
     let source = SourceArgs {
         image: args.image.as_deref(),
         mask: args.mask.as_deref(),

@@ -105,8 +105,9 @@ pub struct SamplingArgs {
     pub steps: usize,
 
     /// Classifier-free guidance scale; 1 or less runs without the unconditional pass.
-    #[arg(short = 'g', long, visible_aliases = ["cfg-scale", "cfg"], default_value_t = 7.5, value_name = "G")]
-    pub guidance_scale: f64,
+    /// Default: the model's recommended scale (`_ldm` in its model_index.json), else 7.5.
+    #[arg(short = 'g', long, visible_aliases = ["cfg-scale", "cfg"], value_name = "G")]
+    pub guidance_scale: Option<f64>,
 
     /// Guidance rescale φ in [0, 1] (diffusers' `guidance_rescale`): pulls the guided
     /// prediction back to the spread of the text-conditioned one; 0.7 suits zero-terminal-SNR
@@ -203,12 +204,19 @@ fn parse_pair(text: &str, separator: char) -> Result<(usize, usize), String> {
 }
 
 impl SamplingArgs {
-    /// The run's settings; width and height given here are defaults for unset flags.
-    pub fn sampling(&self, width: usize, height: usize, strength: f64) -> Sampling {
+    /// The run's settings; width, height and the guidance scale given here are defaults for
+    /// unset flags.
+    pub fn sampling(
+        &self,
+        width: usize,
+        height: usize,
+        guidance_scale: f64,
+        strength: f64,
+    ) -> Sampling {
         Sampling {
             sampler: self.scheduler,
             steps: self.steps,
-            guidance_scale: self.guidance_scale,
+            guidance_scale: self.guidance_scale.unwrap_or(guidance_scale),
             guidance_rescale: self.guidance_rescale,
             eta: self.eta,
             width: self.width.unwrap_or(width),

@@ -24,7 +24,7 @@ use crate::conditioning::{
     EncoderStyle, PromptEmbeddings, PromptEncoder, PromptOptions, TextEncoder,
 };
 use crate::lora::{LoraFile, LoraSpec};
-use crate::model_source::PipelineFolder;
+use crate::model_source::{PipelineFolder, Recommended};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
@@ -60,7 +60,12 @@ pub struct StableDiffusion {
     /// The VAE's precision: f32 when the model runs in f16 and the VAE config asks for
     /// `force_upcast` (SDXL's VAE overflows in f16), as diffusers decodes.
     vae_dtype: DType,
+    /// The model's own recommended settings (`model_index.json`).
+    recommended: Recommended,
 }
+
+/// The guidance scale of a model that recommends none (diffusers' pipelines' default).
+pub const DEFAULT_GUIDANCE_SCALE: f64 = 7.5;
 
 /// Which parts of the VAE a run needs: txt2img only decodes, so it need not read the encoder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,7 +191,16 @@ impl StableDiffusion {
             device: device.clone(),
             dtype,
             vae_dtype,
+            recommended: index.recommended,
         })
+    }
+
+    /// The guidance scale of a run that gives none: the model's recommendation, else
+    /// diffusers' (and SD's) 7.5.
+    pub fn default_guidance_scale(&self) -> f64 {
+        self.recommended
+            .guidance_scale
+            .unwrap_or(DEFAULT_GUIDANCE_SCALE)
     }
 
     /// The U-Net's config.
