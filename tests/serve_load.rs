@@ -18,7 +18,16 @@ fn concurrent_clients_all_get_their_own_correct_images() {
             let seed = seed.to_string();
             let out = dir.path().join(format!("{seed}.png"));
             cli(
-                &["txt2img", "a red apple", "--seed", &seed, "--steps", "2"],
+                &[
+                    "txt2img",
+                    "a red apple",
+                    "--seed",
+                    &seed,
+                    "--steps",
+                    "2",
+                    "-g",
+                    "7.5",
+                ],
                 &out,
                 1,
             )
@@ -43,7 +52,7 @@ fn concurrent_clients_all_get_their_own_correct_images() {
                     unb64(&answer["images"][0])
                 } else {
                     let body = json!({"prompt": "a red apple", "seed": seed, "steps": 2,
-                                      "response_format": "b64_json"});
+                                      "cfg_scale": 7.5, "response_format": "b64_json"});
                     let answer: serde_json::Value = ureq::post(&openai)
                         .send_json(&body)
                         .unwrap()

@@ -136,12 +136,12 @@ fn image_request(
         sampler,
         karras,
         steps: request::count_field("steps", fields.steps.unwrap_or(DEFAULT_STEPS), MAX_STEPS)?,
-        guidance_scale: request::number_field(
+        guidance_scale: Some(request::number_field(
             "cfg_scale",
             fields.cfg_scale.unwrap_or(DEFAULT_CFG_SCALE),
             0.0,
             100.0,
-        )?,
+        )?),
         eta: request::number_field("eta", fields.eta.unwrap_or(0.0), 0.0, 1.0)?,
         width: fields
             .width
@@ -230,7 +230,7 @@ async fn respond(
         prompt: request.prompt.clone(),
         negative_prompt: request.negative_prompt.clone(),
         sampler_name,
-        cfg_scale: request.guidance_scale,
+        cfg_scale: request.guidance_scale.unwrap_or(DEFAULT_CFG_SCALE),
         steps: request.steps,
         batch_size: request.batch_size,
         denoising_strength,

@@ -26,8 +26,8 @@ use super::state::AppState;
 /// OpenAI's limit on `n`.
 const MAX_N: i64 = 10;
 /// Where a request leaves them out: the CLI's defaults.
+/// (The guidance scale left out is the model's default, as the CLI's.)
 const DEFAULT_STEPS: i64 = 50;
-const DEFAULT_CFG_SCALE: f64 = 7.5;
 const DEFAULT_SAMPLER: &str = "DDIM";
 /// img2img strength of an edit without a mask (A1111's default).
 const DEFAULT_EDIT_STRENGTH: f64 = 0.75;
@@ -151,12 +151,10 @@ fn image_request(
         sampler,
         karras,
         steps: request::count_field("steps", fields.steps.unwrap_or(DEFAULT_STEPS), MAX_STEPS)?,
-        guidance_scale: request::number_field(
-            "cfg_scale",
-            fields.cfg_scale.unwrap_or(DEFAULT_CFG_SCALE),
-            0.0,
-            100.0,
-        )?,
+        guidance_scale: fields
+            .cfg_scale
+            .map(|scale| request::number_field("cfg_scale", scale, 0.0, 100.0))
+            .transpose()?,
         eta: 0.0,
         width,
         height,

@@ -28,7 +28,8 @@ pub struct ImageRequest {
     /// Karras sigmas whatever the scheduler config says ("DPM++ 2M Karras").
     pub karras: bool,
     pub steps: usize,
-    pub guidance_scale: f64,
+    /// `None`: the model's recommended scale, else 7.5 (as the CLI).
+    pub guidance_scale: Option<f64>,
     pub eta: f64,
     /// `None`: the model's native size (txt2img) or the source image's (img2img).
     pub width: Option<usize>,

@@ -238,7 +238,9 @@ fn sampling(pipeline: &StableDiffusion, request: &ImageRequest) -> Sampling {
     Sampling {
         sampler: request.sampler,
         steps: request.steps,
-        guidance_scale: request.guidance_scale,
+        guidance_scale: request
+            .guidance_scale
+            .unwrap_or_else(|| pipeline.default_guidance_scale()),
         guidance_rescale: 0.0,
         eta: request.eta,
         width: request.width.unwrap_or(default_width),
