@@ -18,6 +18,7 @@ pub mod image_io;
 pub mod infotext;
 pub mod kernels;
 pub mod lora;
+pub mod mapped_memory;
 pub mod model_source;
 pub mod models;
 pub mod pipelines;

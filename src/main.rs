@@ -1,5 +1,10 @@
 use std::process::ExitCode;
 
+/// Weights are buffers over their files' mapped pages (see `ldm::mapped_memory`).
+#[global_allocator]
+static ALLOCATOR: ldm::mapped_memory::MappingAwareAllocator =
+    ldm::mapped_memory::MappingAwareAllocator;
+
 fn main() -> ExitCode {
     // Errors are reported as one clear line; library backtraces (candle captures them when
     // RUST_BACKTRACE is set) would only bury the message. RUST_LIB_BACKTRACE=1 still shows them.

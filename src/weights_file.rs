@@ -1,10 +1,11 @@
-//! Model weights read from a safetensors file, tensor by tensor in parallel, into a candle
-//! `VarBuilder`.
+//! Model weights from a safetensors file, into a candle `VarBuilder`.
 //!
-//! candle's memory-mapped reader copies every tensor out of the mapping, and the mapped pages
-//! it touched stay resident until the whole builder is dropped: loading SD 1.5's 3.4 GB U-Net
-//! counted twice in the peak RSS. Positioned reads go through the page cache instead, so the
-//! process holds the weights once.
+//! Tensors are buffers over the file's mapped pages where the binary installs
+//! [`crate::mapped_memory::MappingAwareAllocator`] (no copy: loading costs page-table entries),
+//! else read tensor by tensor in parallel. candle's own memory-mapped reader copies every tensor
+//! out of the mapping, and the pages it touched stay resident until the whole builder is
+//! dropped: SD 1.5's 3.4 GB U-Net counted twice in the peak RSS. Either way here the process
+//! holds the weights once.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -16,6 +17,8 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 use serde::Deserialize;
+
+use crate::mapped_memory::MappedFile;
 
 /// One tensor's entry in the safetensors header.
 #[derive(Debug, Deserialize)]
@@ -32,6 +35,8 @@ pub struct WeightsFile {
     /// Start of the data section (after the 8-byte length and the JSON header).
     data_start: u64,
     entries: HashMap<String, Entry>,
+    /// The whole file mapped, when tensors can be buffers over its pages.
+    mapped: Option<MappedFile>,
 }
 
 impl WeightsFile {
@@ -68,11 +73,13 @@ impl WeightsFile {
             }
             entries.insert(name, entry);
         }
+        let mapped = MappedFile::map(&file, file_len as usize);
         Ok(Self {
             path: path.to_path_buf(),
             file,
             data_start,
             entries,
+            mapped,
         })
     }
 
@@ -144,28 +151,31 @@ impl WeightsFile {
             );
         }
         let offset = self.data_start + start;
+        let mapped = self.mapped.as_ref().map(|file| (file, offset as usize));
         let read = |bytes: &mut [u8]| {
             self.file.read_exact_at(bytes, offset).map_err(|err| {
                 candle_core::Error::Msg(format!("{}: reading {name}: {err}", self.path.display()))
             })
         };
         match dtype {
-            DType::F32 => read_vec::<f32>(shape, device, read),
-            DType::F16 => read_vec::<half::f16>(shape, device, read),
-            DType::BF16 => read_vec::<half::bf16>(shape, device, read),
-            DType::F64 => read_vec::<f64>(shape, device, read),
-            DType::I64 => read_vec::<i64>(shape, device, read),
-            DType::U32 => read_vec::<u32>(shape, device, read),
-            _ => read_vec::<u8>(shape, device, read),
+            DType::F32 => read_vec::<f32>(shape, device, mapped, read),
+            DType::F16 => read_vec::<half::f16>(shape, device, mapped, read),
+            DType::BF16 => read_vec::<half::bf16>(shape, device, mapped, read),
+            DType::F64 => read_vec::<f64>(shape, device, mapped, read),
+            DType::I64 => read_vec::<i64>(shape, device, mapped, read),
+            DType::U32 => read_vec::<u32>(shape, device, mapped, read),
+            _ => read_vec::<u8>(shape, device, mapped, read),
         }
     }
 }
 
-/// Reads a tensor's little-endian bytes straight into its final buffer (no zero-fill, no
-/// second copy: loading was otherwise dominated by memset and memmove of gigabytes).
+/// A tensor over the mapped file's pages at `mapped`'s offset when it can be, else its
+/// little-endian bytes read straight into its final buffer (no zero-fill, no second copy:
+/// loading was otherwise dominated by memset and memmove of gigabytes).
 fn read_vec<T: candle_core::WithDType + Copy>(
     shape: Shape,
     device: &Device,
+    mapped: Option<(&MappedFile, usize)>,
     read: impl FnOnce(&mut [u8]) -> candle_core::Result<()>,
 ) -> candle_core::Result<Tensor> {
     const {
@@ -175,6 +185,9 @@ fn read_vec<T: candle_core::WithDType + Copy>(
         )
     };
     let count = shape.elem_count();
+    if let Some(values) = mapped.and_then(|(file, offset)| file.vec::<T>(offset, count)) {
+        return Tensor::from_vec(values, shape, device);
+    }
     let mut values: Vec<T> = Vec::with_capacity(count);
     // SAFETY: the spare capacity holds `count` elements of plain-old-data type T (floats and
     // integers: every bit pattern is valid); `read` fills all of its bytes before `set_len`.

@@ -1,0 +1,85 @@
+//! Weights as buffers over their file's mapped pages, with the binary's allocator installed.
+//! One test: the mapped-file count is process-wide.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use ldm::mapped_memory::{mapped_file_count, MappedFile, MappingAwareAllocator};
+use ldm::weights_file::WeightsFile;
+
+#[global_allocator]
+static ALLOCATOR: MappingAwareAllocator = MappingAwareAllocator;
+
+#[test]
+fn weights_are_mapped_copy_on_write_and_unmapped_with_their_last_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    let device = Device::Cpu;
+    let weight = Tensor::arange(0f32, 4096., &device)
+        .unwrap()
+        .reshape((64, 64))
+        .unwrap();
+    let half = Tensor::new(&[1.5f32, -2.25], &device)
+        .unwrap()
+        .to_dtype(DType::F16)
+        .unwrap();
+    let tensors = HashMap::from([("w".to_string(), weight.clone()), ("h".to_string(), half)]);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let file_bytes = std::fs::read(&path).unwrap();
+
+    let vb = WeightsFile::open(&path)
+        .unwrap()
+        .into_var_builder(DType::F32, &device)
+        .unwrap();
+    // The f32 tensor is mapped (the f16 one was converted to a heap buffer): the file stays
+    // mapped after the loader is gone, while the builder holds the tensor.
+    assert_eq!(mapped_file_count(), 1);
+    let read = vb.get((64, 64), "w").unwrap();
+    assert_eq!(
+        read.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        weight.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+    assert_eq!(
+        vb.get(2, "h").unwrap().to_vec1::<f32>().unwrap(),
+        [1.5, -2.25]
+    );
+
+    // Writing into a mapped buffer changes this process's copy only, never the file.
+    let zeros = Tensor::zeros((1, 64), DType::F32, &device).unwrap();
+    read.slice_set(&zeros, 0, 0).unwrap();
+    assert_eq!(
+        read.get(0)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), file_bytes);
+
+    drop(vb);
+    assert_eq!(
+        mapped_file_count(),
+        1,
+        "a tensor still points into the file"
+    );
+    drop(read);
+    assert_eq!(mapped_file_count(), 0, "the last tensor unmapped the file");
+
+    // A mapped buffer that grows moves to the heap and lets go of the mapping.
+    let file = std::fs::File::open(&path).unwrap();
+    let mapped = MappedFile::map(&file, file_bytes.len()).unwrap();
+    let mut bytes: Vec<u8> = mapped.vec(0, 16).unwrap();
+    assert!(mapped.vec::<u32>(1, 1).is_none(), "misaligned");
+    assert!(
+        mapped.vec::<u8>(file_bytes.len() - 1, 2).is_none(),
+        "past the end"
+    );
+    drop(mapped);
+    assert_eq!(mapped_file_count(), 1);
+    bytes.extend_from_slice(&[7; 4096]);
+    assert_eq!(mapped_file_count(), 0);
+    assert_eq!(&bytes[..16], &file_bytes[..16]);
+    assert_eq!(bytes.len(), 16 + 4096);
+}
