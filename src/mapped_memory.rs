@@ -81,20 +81,24 @@ impl Region {
     }
 }
 
+/// Records that [`MappingAwareAllocator`] serves this program (a load, and a store only once).
+#[inline(always)]
+fn mark_installed() {
+    if !INSTALLED.load(Ordering::Relaxed) {
+        INSTALLED.store(true, Ordering::Relaxed);
+    }
+}
+
 // SAFETY: every allocation comes from `System`; pointers inside a mapped region are never
 // passed to `System` (they did not come from it) but released to their region.
 unsafe impl GlobalAlloc for MappingAwareAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if !INSTALLED.load(Ordering::Relaxed) {
-            INSTALLED.store(true, Ordering::Relaxed);
-        }
+        mark_installed();
         System.alloc(layout)
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if !INSTALLED.load(Ordering::Relaxed) {
-            INSTALLED.store(true, Ordering::Relaxed);
-        }
+        mark_installed();
         System.alloc_zeroed(layout)
     }
 
