@@ -136,14 +136,14 @@ fn attention_matches_composed_ops_forward_and_backward() {
         (1, 1, 1, 1, 8, true),
     ];
     for (i, &(b, l, s, h, d, causal)) in cases.iter().enumerate() {
-        let q = values(&[b, l, h, d], 3 * i as u64, 2.0);
-        let k = values(&[b, s, h, d], 3 * i as u64 + 1, 2.0);
-        let v = values(&[b, s, h, d], 3 * i as u64 + 2, 1.0);
+        let q = values(&[b, l, h * d], 3 * i as u64, 2.0);
+        let k = values(&[b, s, h * d], 3 * i as u64 + 1, 2.0);
+        let v = values(&[b, s, h * d], 3 * i as u64 + 2, 1.0);
         let (out_err, grad_err) = compare(&[q, k, v], |t| {
             if t[0].dtype() == DType::F64 {
-                kernels::attention_composed(&t[0], &t[1], &t[2], causal)
+                kernels::attention_composed(&t[0], &t[1], &t[2], h, causal)
             } else {
-                kernels::attention(&t[0], &t[1], &t[2], causal)
+                kernels::attention(&t[0], &t[1], &t[2], h, causal)
             }
         });
         assert!(out_err < 2e-6, "case {i}: forward error {out_err}");
@@ -152,25 +152,23 @@ fn attention_matches_composed_ops_forward_and_backward() {
 }
 
 #[test]
-fn attention_accepts_transposed_views_and_half_precision() {
-    // q as a strided view ([b, h, l, d] storage seen as [b, l, h, d]).
-    let q = values(&[2, 3, 50, 40], 1, 2.0)
-        .to_dtype(DType::F32)
-        .unwrap()
-        .transpose(1, 2)
+fn attention_accepts_strided_views_and_half_precision() {
+    // q and k as column slices of wider rows (a fused projection's output), v as a batch
+    // transpose: every stride but the last differs from a contiguous tensor's.
+    let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+    let q = f32(values(&[2, 50, 360], 1, 2.0))
+        .narrow(2, 120, 120)
         .unwrap();
-    let k = values(&[2, 50, 3, 40], 2, 2.0)
-        .to_dtype(DType::F32)
+    let k = f32(values(&[2, 50, 240], 2, 2.0))
+        .narrow(2, 0, 120)
         .unwrap();
-    let v = values(&[2, 50, 3, 40], 3, 1.0)
-        .to_dtype(DType::F32)
-        .unwrap();
-    let fused = kernels::attention(&q, &k, &v, false).unwrap();
-    let reference = kernels::attention_composed(&q, &k, &v, false).unwrap();
+    let v = f32(values(&[50, 2, 120], 3, 1.0)).transpose(0, 1).unwrap();
+    let fused = kernels::attention(&q, &k, &v, 3, false).unwrap();
+    let reference = kernels::attention_composed(&q, &k, &v, 3, false).unwrap();
     assert!(max_diff(&fused, &reference) < 2e-6);
     for dtype in [DType::F16, DType::BF16] {
         let half = |t: &Tensor| t.to_dtype(dtype).unwrap();
-        let out = kernels::attention(&half(&q), &half(&k), &half(&v), false).unwrap();
+        let out = kernels::attention(&half(&q), &half(&k), &half(&v), 3, false).unwrap();
         assert_eq!(out.dtype(), dtype);
         let tolerance = if dtype == DType::F16 { 3e-3 } else { 2e-2 };
         assert!(
@@ -182,14 +180,27 @@ fn attention_accepts_transposed_views_and_half_precision() {
 }
 
 #[test]
+fn attention_refuses_heads_that_do_not_divide_the_width() {
+    let x = values(&[1, 4, 10], 1, 1.0);
+    let err = kernels::attention(&x, &x, &x, 3, false).unwrap_err();
+    assert!(err.to_string().contains("3 heads"), "{err}");
+}
+
+#[test]
 fn attention_gradient_matches_finite_differences() {
-    let k = values(&[1, 9, 2, 8], 11, 1.0);
-    let v = values(&[1, 9, 2, 8], 12, 1.0);
-    check_finite_difference(&values(&[1, 9, 2, 8], 10, 1.0), |q| {
+    let k = values(&[1, 9, 16], 11, 1.0);
+    let v = values(&[1, 9, 16], 12, 1.0);
+    check_finite_difference(&values(&[1, 9, 16], 10, 1.0), |q| {
         if q.dtype() == DType::F64 {
-            kernels::attention_composed(q, &k, &v, true)
+            kernels::attention_composed(q, &k, &v, 2, true)
         } else {
-            kernels::attention(q, &k.to_dtype(DType::F32)?, &v.to_dtype(DType::F32)?, true)
+            kernels::attention(
+                q,
+                &k.to_dtype(DType::F32)?,
+                &v.to_dtype(DType::F32)?,
+                2,
+                true,
+            )
         }
     });
 }
@@ -419,22 +430,47 @@ fn conv2d_gradient_matches_finite_differences_and_half_precision_runs() {
 }
 
 #[test]
-fn bias_addition_matches_broadcast_add() {
-    for (i, shape) in [&[3usize, 70, 9][..], &[2, 5], &[200, 33]]
-        .into_iter()
-        .enumerate()
-    {
-        let channels = *shape.last().unwrap();
-        let xs = values(shape, 90 + i as u64, 1.0);
-        let bias = values(&[channels], 95 + i as u64, 1.0);
-        let (out_err, grad_err) = compare(&[xs, bias], |t| {
-            if t[0].dtype() == DType::F64 {
-                kernels::add_bias_composed(&t[0], &t[1])
+fn linear_matches_composed_ops_with_and_without_bias() {
+    // (input shape, out features, bias): leading dims flattened, rows not a multiple of the
+    // 128-row block, a single row, a wide output.
+    let cases: [(&[usize], usize, bool); 4] = [
+        (&[3, 70, 9], 5, true),
+        (&[2, 5], 7, false),
+        (&[300, 33], 130, true),
+        (&[1, 1, 16], 64, false),
+    ];
+    for (i, &(shape, out_dim, with_bias)) in cases.iter().enumerate() {
+        let in_dim = *shape.last().unwrap();
+        let seed = 90 + 3 * i as u64;
+        let mut inputs = vec![
+            values(shape, seed, 1.0),
+            values(&[out_dim, in_dim], seed + 1, 1.0),
+        ];
+        if with_bias {
+            inputs.push(values(&[out_dim], seed + 2, 1.0));
+        }
+        let (out_err, grad_err) = compare(&inputs, |t| {
+            let op = if t[0].dtype() == DType::F64 {
+                kernels::linear_composed
             } else {
-                kernels::add_bias(&t[0], &t[1])
-            }
+                kernels::linear
+            };
+            op(&t[0], &t[1], t.get(2))
         });
-        assert!(out_err < 1e-6, "case {i}: forward error {out_err}");
-        assert!(grad_err < 1e-6, "case {i}: gradient error {grad_err}");
+        assert!(out_err < 1e-5, "case {i}: forward error {out_err}");
+        assert!(grad_err < 1e-5, "case {i}: gradient error {grad_err}");
     }
+}
+
+#[test]
+fn linear_gradient_matches_finite_differences_and_refuses_bad_shapes() {
+    let weight = values(&[6, 4], 21, 1.0);
+    let bias = values(&[6], 22, 1.0);
+    check_finite_difference(&values(&[2, 3, 4], 20, 1.0), |x| {
+        let f32 = |t: &Tensor| t.to_dtype(x.dtype());
+        kernels::linear(x, &f32(&weight)?, Some(&f32(&bias)?))
+    });
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let err = kernels::linear(&f32(&values(&[2, 5], 1, 1.0)), &f32(&weight), None).unwrap_err();
+    assert!(err.to_string().contains("does not fit"), "{err}");
 }

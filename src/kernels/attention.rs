@@ -10,32 +10,34 @@
 
 use std::sync::Mutex;
 
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
-use super::gemm::{matmul, Matrix};
+use super::gemm::{matmul, matmul_raw, Matrix, SharedOut};
 use super::{cpu_f32, simd, uses_cpu_kernel, uses_gpu_kernel, with_scratch};
 
 /// Queries per work item: small enough that `QUERY_BLOCK × keys` scores stay in L2 cache.
 const QUERY_BLOCK: usize = 64;
 
-/// Softmax(q kᵀ / √d) v over heads.
+/// Softmax(q kᵀ / √d) v over `heads` heads.
 ///
-/// `q`: `[batch, q_len, heads, head_dim]`, `k` and `v`: `[batch, kv_len, heads, head_dim]`
-/// (the layout the projections produce: no head transposes needed); returns
-/// `[batch, q_len, heads, head_dim]`. `causal` lets query `i` see keys `0..=i` (CLIP), and
-/// needs `q_len == kv_len`. Half-precision inputs are computed in f32 on the CPU; GPU
-/// inference uses [`attention_gpu`], everything else [`attention_composed`].
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
-    check_shapes(q, k, v, causal)?;
+/// `q`: `[batch, q_len, heads·head_dim]`, `k` and `v`: `[batch, kv_len, heads·head_dim]` (the
+/// projections' own layout, head `h` in columns `h·head_dim..(h+1)·head_dim`: no reshapes or
+/// head transposes in the graph); returns `[batch, q_len, heads·head_dim]`. `causal` lets
+/// query `i` see keys `0..=i` (CLIP), and needs `q_len == kv_len`. Half-precision inputs are
+/// computed in f32 on the CPU; GPU inference uses [`attention_gpu`], everything else
+/// [`attention_composed`].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
+    check_shapes(q, k, v, heads, causal)?;
     if [q, k, v].iter().all(|t| uses_gpu_kernel(t)) {
-        return attention_gpu(q, k, v, causal);
+        return attention_gpu(q, k, v, heads, causal);
     }
     if !uses_cpu_kernel(q) {
-        return attention_composed(q, k, v, causal);
+        return attention_composed(q, k, v, heads, causal);
     }
     let dtype = q.dtype();
     let op = AttentionOp {
+        heads,
         causal,
         log_sum_exp: Mutex::new(None),
     };
@@ -44,15 +46,32 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Ten
         k.to_dtype(DType::F32)?,
         v.to_dtype(DType::F32)?,
     );
-    // The op returns [batch, heads, q_len, head_dim], so that each task writes one block.
-    q.apply_op3(&k, &v, op)?.transpose(1, 2)?.to_dtype(dtype)
+    q.apply_op3(&k, &v, op)?.to_dtype(dtype)
 }
 
 /// The same attention from candle's primitive ops (the reference, and the differentiable GPU
-/// path of training). Scores and softmax run in f32 for f16 inputs (diffusers'
-/// `upcast_attention`).
-pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
-    check_shapes(q, k, v, causal)?;
+/// path of training).
+pub fn attention_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    causal: bool,
+) -> Result<Tensor> {
+    check_shapes(q, k, v, heads, causal)?;
+    let split = |xs: &Tensor| split_heads(xs, heads);
+    heads_composed(&split(q)?, &split(k)?, &split(v)?, causal)?.flatten_from(2)
+}
+
+/// `[batch, len, heads·head_dim]` -> `[batch, len, heads, head_dim]`.
+fn split_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
+    let (batch, len, width) = xs.dims3()?;
+    xs.reshape((batch, len, heads, width / heads))
+}
+
+/// [`attention_composed`] on `[batch, len, heads, head_dim]` tensors. Scores and softmax run in
+/// f32 for f16 inputs (diffusers' `upcast_attention`).
+fn heads_composed(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
     let dtype = q.dtype();
     let score_dtype = if dtype == DType::F16 {
         DType::F32
@@ -84,11 +103,13 @@ const GPU_SCORE_BUDGET: usize = 256 << 20;
 /// Inference on a GPU: the products in the inputs' own precision (f16/bf16 run on the tensor
 /// cores), the softmax as candle's fused kernel, which accumulates half precision in f32
 /// (where PyTorch's fused attention upcasts too).
-fn attention_gpu(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
-    attention_chunked(q, k, v, causal, GPU_SCORE_BUDGET)
+fn attention_gpu(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
+    let split = |xs: &Tensor| split_heads(xs, heads);
+    attention_chunked(&split(q)?, &split(k)?, &split(v)?, causal, GPU_SCORE_BUDGET)?.flatten_from(2)
 }
 
-/// [`attention_gpu`] with at most `budget` bytes of scores per chunk of (batch, head) pairs.
+/// [`attention_gpu`] on `[batch, len, heads, head_dim]` tensors, with at most `budget` bytes of
+/// scores per chunk of (batch, head) pairs.
 fn attention_chunked(
     q: &Tensor,
     k: &Tensor,
@@ -167,10 +188,10 @@ fn causal_mask(len: usize, device: &candle_core::Device) -> Result<Tensor> {
     Ok(mask)
 }
 
-fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<()> {
-    let (batch, q_len, heads, head_dim) = q.dims4()?;
-    let (kb, kv_len, kh, kd) = k.dims4()?;
-    if (kb, kh, kd) != (batch, heads, head_dim) || k.dims() != v.dims() {
+fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<()> {
+    let (batch, q_len, width) = q.dims3()?;
+    let (kb, kv_len, kw) = k.dims3()?;
+    if (kb, kw) != (batch, width) || k.dims() != v.dims() {
         bail!(
             "attention: q {:?}, k {:?} and v {:?} disagree",
             q.dims(),
@@ -178,44 +199,55 @@ fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<()> 
             v.dims()
         );
     }
+    if heads == 0 || !width.is_multiple_of(heads) {
+        bail!("attention: {heads} heads do not divide the width {width}");
+    }
     if causal && q_len != kv_len {
         bail!("causal attention needs as many queries as keys ({q_len} vs {kv_len})");
     }
     Ok(())
 }
 
-/// Strided view of a `[batch, len, heads, head_dim]` tensor with a unit last stride.
+/// Strided view of a `[batch, len, heads·head_dim]` tensor with a unit last stride.
 #[derive(Clone, Copy)]
 struct HeadsView<'a> {
     data: &'a [f32],
     len: usize,
     head_dim: usize,
-    strides: [usize; 3],
+    /// Batch and row strides.
+    strides: [usize; 2],
 }
 
 impl<'a> HeadsView<'a> {
-    fn new(data: &'a [f32], layout: &Layout) -> Result<Self> {
-        let (_, len, _, head_dim) = layout.shape().dims4()?;
+    fn new(data: &'a [f32], layout: &Layout, heads: usize) -> Result<Self> {
+        let (_, len, width) = layout.shape().dims3()?;
         let stride = layout.stride();
-        if stride[3] != 1 && head_dim > 1 {
+        if stride[2] != 1 && width > 1 {
             bail!("attention: the head dimension must be contiguous");
         }
         Ok(Self {
             data: &data[layout.start_offset()..],
             len,
-            head_dim,
-            strides: [stride[0], stride[1], stride[2]],
+            head_dim: width / heads,
+            strides: [stride[0], stride[1]],
         })
     }
 
     /// Rows `start..start + rows` of head `head` in batch `batch`, as a `rows × head_dim` matrix.
     fn rows(&self, batch: usize, head: usize, start: usize, rows: usize) -> Matrix<'a> {
-        let offset = batch * self.strides[0] + head * self.strides[2] + start * self.strides[1];
+        let offset = batch * self.strides[0] + head * self.head_dim + start * self.strides[1];
         Matrix::rows(&self.data[offset..], rows, self.head_dim, self.strides[1])
+    }
+
+    /// Row `row` of head `head` in batch `batch`.
+    fn row(&self, batch: usize, head: usize, row: usize) -> &'a [f32] {
+        let offset = batch * self.strides[0] + head * self.head_dim + row * self.strides[1];
+        &self.data[offset..offset + self.head_dim]
     }
 }
 
 struct AttentionOp {
+    heads: usize,
     causal: bool,
     /// `[batch, heads, q_len]` log-sum-exp of each score row, kept for the backward pass.
     log_sum_exp: Mutex<Option<Vec<f32>>>,
@@ -243,6 +275,11 @@ impl AttentionOp {
     }
 }
 
+/// A [`HeadsView`] of a CPU tensor's storage.
+fn heads_view<'a>(storage: &'a Storage, layout: &Layout, heads: usize) -> Result<HeadsView<'a>> {
+    HeadsView::new(super::storage_f32(storage)?, layout, heads)
+}
+
 impl CustomOp3 for AttentionOp {
     fn name(&self) -> &'static str {
         "ldm-attention"
@@ -257,41 +294,46 @@ impl CustomOp3 for AttentionOp {
         v: &CpuStorage,
         v_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (batch, q_len, heads, head_dim) = q_layout.shape().dims4()?;
-        let q = HeadsView::new(cpu_f32(q)?, q_layout)?;
-        let k = HeadsView::new(cpu_f32(k)?, k_layout)?;
-        let v = HeadsView::new(cpu_f32(v)?, v_layout)?;
+        let (batch, q_len, width) = q_layout.shape().dims3()?;
+        let heads = self.heads;
+        let q = HeadsView::new(cpu_f32(q)?, q_layout, heads)?;
+        let k = HeadsView::new(cpu_f32(k)?, k_layout, heads)?;
+        let v = HeadsView::new(cpu_f32(v)?, v_layout, heads)?;
+        let head_dim = q.head_dim;
         let scale = 1.0 / (head_dim as f32).sqrt();
-        let mut out = vec![0f32; batch * heads * q_len * head_dim];
+        let mut out = vec![0f32; batch * q_len * width];
         let mut lse = vec![0f32; batch * heads * q_len];
+        let shared = SharedOut(out.as_mut_ptr());
         if !out.is_empty() {
-            out.par_chunks_mut(q_len * head_dim)
-                .zip(lse.par_chunks_mut(q_len))
-                .enumerate()
-                .for_each(|(bh, (out, lse))| {
-                    let (b, h) = (bh / heads, bh % heads);
-                    out.par_chunks_mut(QUERY_BLOCK * head_dim)
-                        .zip(lse.par_chunks_mut(QUERY_BLOCK))
-                        .enumerate()
-                        .for_each(|(block, (out, lse))| {
-                            let start = block * QUERY_BLOCK;
-                            let rows = lse.len();
-                            let keys = self.visible_keys(start + rows, k.len);
-                            with_scratch(rows * keys, |probs| {
-                                let q_rows = q.rows(b, h, start, rows);
-                                self.scores(probs, q_rows, k.rows(b, h, 0, keys), start, scale);
-                                for (row, lse) in probs.chunks_exact_mut(keys).zip(lse.iter_mut()) {
-                                    *lse = simd::softmax_in_place(row);
-                                }
-                                let probs = Matrix::rows(probs, rows, keys, keys);
-                                matmul(out, head_dim, probs, v.rows(b, h, 0, keys), 1.0, false);
-                            });
+            lse.par_chunks_mut(q_len).enumerate().for_each(|(bh, lse)| {
+                let (b, h) = (bh / heads, bh % heads);
+                let shared = &shared;
+                lse.par_chunks_mut(QUERY_BLOCK)
+                    .enumerate()
+                    .for_each(|(block, lse)| {
+                        let start = block * QUERY_BLOCK;
+                        let rows = lse.len();
+                        let keys = self.visible_keys(start + rows, k.len);
+                        with_scratch(rows * keys, |probs| {
+                            let q_rows = q.rows(b, h, start, rows);
+                            self.scores(probs, q_rows, k.rows(b, h, 0, keys), start, scale);
+                            for (row, lse) in probs.chunks_exact_mut(keys).zip(lse.iter_mut()) {
+                                *lse = simd::softmax_in_place(row);
+                            }
+                            let probs = Matrix::rows(probs, rows, keys, keys);
+                            let offset = (b * q_len + start) * width + h * head_dim;
+                            // SAFETY: rows start..start+rows of head h in batch b (rows
+                            // `width` apart) are inside `out` and written by this task only.
+                            unsafe {
+                                let dst = shared.0.add(offset);
+                                matmul_raw(dst, width, probs, v.rows(b, h, 0, keys), 1.0, false, 1)
+                            };
                         });
-                });
+                    });
+            });
         }
         *self.log_sum_exp.lock().expect("attention state poisoned") = Some(lse);
-        let shape = Shape::from((batch, heads, q_len, head_dim));
-        Ok((CpuStorage::F32(out), shape))
+        Ok((CpuStorage::F32(out), Shape::from((batch, q_len, width))))
     }
 
     fn bwd(
@@ -306,7 +348,8 @@ impl CustomOp3 for AttentionOp {
         let Some(lse) = lse.as_ref() else {
             bail!("attention backward without a forward pass");
         };
-        let (batch, q_len, heads, head_dim) = q.dims4()?;
+        let heads = self.heads;
+        let (batch, q_len, width) = q.dims3()?;
         let kv_len = k.dim(1)?;
         let grad_out = grad_out.contiguous()?;
         let (q_storage, q_layout) = q.storage_and_layout();
@@ -314,81 +357,88 @@ impl CustomOp3 for AttentionOp {
         let (v_storage, v_layout) = v.storage_and_layout();
         let (o_storage, o_layout) = out.storage_and_layout();
         let (g_storage, g_layout) = grad_out.storage_and_layout();
-        let qv = HeadsView::new(super::storage_f32(&q_storage)?, q_layout)?;
-        let kv = HeadsView::new(super::storage_f32(&k_storage)?, k_layout)?;
-        let vv = HeadsView::new(super::storage_f32(&v_storage)?, v_layout)?;
-        // out and grad_out are contiguous [batch, heads, q_len, head_dim].
-        let o = &super::storage_f32(&o_storage)?[o_layout.start_offset()..];
-        let g = &super::storage_f32(&g_storage)?[g_layout.start_offset()..];
+        let qv = heads_view(&q_storage, q_layout, heads)?;
+        let kv = heads_view(&k_storage, k_layout, heads)?;
+        let vv = heads_view(&v_storage, v_layout, heads)?;
+        let ov = heads_view(&o_storage, o_layout, heads)?;
+        let gv = heads_view(&g_storage, g_layout, heads)?;
+        let head_dim = qv.head_dim;
         let scale = 1.0 / (head_dim as f32).sqrt();
-        let mut dq = vec![0f32; batch * heads * q_len * head_dim];
-        let mut dk = vec![0f32; batch * heads * kv_len * head_dim];
-        let mut dv = vec![0f32; batch * heads * kv_len * head_dim];
-        let per_q = q_len * head_dim;
-        let per_kv = kv_len * head_dim;
-        if per_q > 0 && per_kv > 0 {
-            dq.par_chunks_mut(per_q)
-                .zip(dk.par_chunks_mut(per_kv))
-                .zip(dv.par_chunks_mut(per_kv))
-                .enumerate()
-                .for_each(|(bh, ((dq, dk), dv))| {
-                    let (b, h) = (bh / heads, bh % heads);
-                    let o = &o[bh * per_q..(bh + 1) * per_q];
-                    let g = &g[bh * per_q..(bh + 1) * per_q];
-                    let lse = &lse[bh * q_len..(bh + 1) * q_len];
-                    for start in (0..q_len).step_by(QUERY_BLOCK) {
-                        let rows = QUERY_BLOCK.min(q_len - start);
-                        let keys = self.visible_keys(start + rows, kv_len);
-                        let q_rows = qv.rows(b, h, start, rows);
-                        let k_rows = kv.rows(b, h, 0, keys);
-                        let block = start * head_dim..(start + rows) * head_dim;
-                        let g_rows = Matrix::rows(&g[block.clone()], rows, head_dim, head_dim);
-                        let mut probs = vec![0f32; rows * keys];
-                        self.scores(&mut probs, q_rows, k_rows, start, scale);
-                        for (row, &lse) in probs.chunks_exact_mut(keys).zip(&lse[start..]) {
-                            if lse == f32::NEG_INFINITY {
-                                row.fill(0.0);
-                            } else {
-                                simd::exp_shifted(row, lse);
-                            }
+        let mut dq = vec![0f32; batch * q_len * width];
+        let mut dk = vec![0f32; batch * kv_len * width];
+        let mut dv = vec![0f32; batch * kv_len * width];
+        let (dq_out, dk_out, dv_out) = (
+            SharedOut(dq.as_mut_ptr()),
+            SharedOut(dk.as_mut_ptr()),
+            SharedOut(dv.as_mut_ptr()),
+        );
+        if q_len > 0 && kv_len > 0 && width > 0 {
+            (0..batch * heads).into_par_iter().for_each(|bh| {
+                let (b, h) = (bh / heads, bh % heads);
+                let lse = &lse[bh * q_len..(bh + 1) * q_len];
+                let (dq_out, dk_out, dv_out) = (&dq_out, &dk_out, &dv_out);
+                let kv_offset = b * kv_len * width + h * head_dim;
+                for start in (0..q_len).step_by(QUERY_BLOCK) {
+                    let rows = QUERY_BLOCK.min(q_len - start);
+                    let keys = self.visible_keys(start + rows, kv_len);
+                    let q_rows = qv.rows(b, h, start, rows);
+                    let k_rows = kv.rows(b, h, 0, keys);
+                    let g_rows = gv.rows(b, h, start, rows);
+                    let mut probs = vec![0f32; rows * keys];
+                    self.scores(&mut probs, q_rows, k_rows, start, scale);
+                    for (row, &lse) in probs.chunks_exact_mut(keys).zip(&lse[start..]) {
+                        if lse == f32::NEG_INFINITY {
+                            row.fill(0.0);
+                        } else {
+                            simd::exp_shifted(row, lse);
                         }
-                        let p = Matrix::rows(&probs, rows, keys, keys);
-                        matmul(dv, head_dim, p.t(), g_rows, 1.0, true);
-                        // dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)).
-                        let mut grad_scores = vec![0f32; rows * keys];
-                        matmul(
-                            &mut grad_scores,
-                            keys,
-                            g_rows,
-                            vv.rows(b, h, 0, keys).t(),
-                            1.0,
-                            false,
-                        );
-                        for (r, (ds, p)) in grad_scores
-                            .chunks_exact_mut(keys)
-                            .zip(probs.chunks_exact(keys))
-                            .enumerate()
-                        {
-                            let row = (start + r) * head_dim..(start + r + 1) * head_dim;
-                            let delta = simd::dot(&g[row.clone()], &o[row]);
-                            for (ds, &p) in ds.iter_mut().zip(p) {
-                                *ds = p * (*ds - delta);
-                            }
-                        }
-                        let ds = Matrix::rows(&grad_scores, rows, keys, keys);
-                        matmul(&mut dq[block], head_dim, ds, k_rows, scale, false);
-                        matmul(dk, head_dim, ds.t(), q_rows, scale, true);
                     }
-                });
+                    let p = Matrix::rows(&probs, rows, keys, keys);
+                    // dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O)).
+                    let mut grad_scores = vec![0f32; rows * keys];
+                    matmul(
+                        &mut grad_scores,
+                        keys,
+                        g_rows,
+                        vv.rows(b, h, 0, keys).t(),
+                        1.0,
+                        false,
+                    );
+                    for (r, (ds, p)) in grad_scores
+                        .chunks_exact_mut(keys)
+                        .zip(probs.chunks_exact(keys))
+                        .enumerate()
+                    {
+                        let delta = simd::dot(gv.row(b, h, start + r), ov.row(b, h, start + r));
+                        for (ds, &p) in ds.iter_mut().zip(p) {
+                            *ds = p * (*ds - delta);
+                        }
+                    }
+                    let ds = Matrix::rows(&grad_scores, rows, keys, keys);
+                    let q_offset = (b * q_len + start) * width + h * head_dim;
+                    // SAFETY: head h of batch b (rows `width` apart) belongs to this task only,
+                    // in dq, dk and dv alike; the views lie inside the buffers.
+                    unsafe {
+                        matmul_raw(dv_out.0.add(kv_offset), width, p.t(), g_rows, 1.0, true, 1);
+                        matmul_raw(dq_out.0.add(q_offset), width, ds, k_rows, scale, false, 1);
+                        matmul_raw(
+                            dk_out.0.add(kv_offset),
+                            width,
+                            ds.t(),
+                            q_rows,
+                            scale,
+                            true,
+                            1,
+                        );
+                    }
+                }
+            });
         }
         let device = q.device();
-        let to_tensor = |grad: Vec<f32>, len: usize| {
-            Tensor::from_vec(grad, (batch, heads, len, head_dim), device)?.transpose(1, 2)
-        };
         Ok((
-            Some(to_tensor(dq, q_len)?),
-            Some(to_tensor(dk, kv_len)?),
-            Some(to_tensor(dv, kv_len)?),
+            Some(Tensor::from_vec(dq, (batch, q_len, width), device)?),
+            Some(Tensor::from_vec(dk, (batch, kv_len, width), device)?),
+            Some(Tensor::from_vec(dv, (batch, kv_len, width), device)?),
         ))
     }
 }
@@ -407,7 +457,7 @@ mod gpu_path_tests {
         let k = Tensor::randn(0f32, 1.0, (2, 7, 3, 8), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (2, 7, 3, 8), &dev)?;
         for causal in [false, true] {
-            let want = attention_composed(&q, &k, &v, causal)?;
+            let want = heads_composed(&q, &k, &v, causal)?;
             let row_bytes = 7 * 7 * 4;
             for budget in [usize::MAX, row_bytes, 3 * row_bytes] {
                 let got = attention_chunked(&q, &k, &v, causal, budget)?;

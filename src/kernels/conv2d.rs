@@ -13,7 +13,7 @@
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{matmul, matmul_raw, Matrix};
+use super::gemm::{matmul, matmul_raw, Matrix, SharedOut};
 use super::winograd::Winograd;
 use super::{contiguous_f32, read_f32, sum_partials, uses_cpu_kernel, with_scratch};
 
@@ -228,10 +228,6 @@ struct Conv2dOp {
 }
 
 /// The output buffer shared by the forward tasks, each writing its own tile.
-pub(super) struct SharedOut(pub(super) *mut f32);
-// SAFETY: tasks write disjoint elements (distinct batch items or output rows).
-unsafe impl Sync for SharedOut {}
-
 impl CustomOp3 for Conv2dOp {
     fn name(&self) -> &'static str {
         "ldm-conv2d"

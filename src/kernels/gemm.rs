@@ -42,6 +42,11 @@ impl<'a> Matrix<'a> {
     }
 }
 
+/// An output buffer shared by tasks that each write their own disjoint elements through it.
+pub struct SharedOut(pub *mut f32);
+// SAFETY: users write disjoint elements only (each `unsafe` write states which).
+unsafe impl Sync for SharedOut {}
+
 /// `dst = scale · lhs · rhs` (or `dst += ...` with `accumulate`), where `dst` is row-major
 /// with rows `dst_row_stride` apart.
 pub fn matmul(

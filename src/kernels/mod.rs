@@ -11,22 +11,22 @@
 //! composed ops.
 
 pub mod attention;
-pub mod bias;
 pub mod conv2d;
 pub mod geglu;
 mod gemm;
 pub mod group_norm;
 pub mod layer_norm;
+pub mod linear;
 mod simd;
 pub mod softmax;
 mod winograd;
 
 pub use attention::{attention, attention_composed};
-pub use bias::{add_bias, add_bias_composed};
 pub use conv2d::{conv2d, conv2d_composed};
 pub use geglu::{geglu, geglu_composed};
 pub use group_norm::{group_norm, group_norm_composed};
 pub use layer_norm::{layer_norm, layer_norm_composed};
+pub use linear::{linear, linear_composed};
 pub use softmax::{softmax_last_dim, softmax_last_dim_composed};
 
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Storage, Tensor};

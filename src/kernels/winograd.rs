@@ -70,7 +70,7 @@ impl Winograd {
         let plane = self.h * self.w;
         let (image_len, out_len) = (self.c_in * plane, self.c_out * plane);
         assert_eq!(out.len(), self.batch * out_len, "output size");
-        let shared = super::conv2d::SharedOut(out.as_mut_ptr());
+        let shared = super::gemm::SharedOut(out.as_mut_ptr());
         let shared = &shared;
         self.items().par_iter().for_each(|&(b, first, rows)| {
             let image = &xs[b * image_len..(b + 1) * image_len];

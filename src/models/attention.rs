@@ -58,7 +58,7 @@ impl Attention {
             Some(context) => context.contiguous()?,
             None => hidden.clone(),
         };
-        let attended = nn::multi_head_attention(
+        let attended = crate::kernels::attention(
             &self.to_q.forward(&hidden)?,
             &self.to_k.forward(&context)?,
             &self.to_v.forward(&context)?,

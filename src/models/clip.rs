@@ -142,7 +142,7 @@ impl ClipAttention {
 
     /// Causal self-attention: no token looks ahead.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let attended = nn::multi_head_attention(
+        let attended = crate::kernels::attention(
             &self.q_proj.forward(xs)?,
             &self.k_proj.forward(xs)?,
             &self.v_proj.forward(xs)?,

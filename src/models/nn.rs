@@ -62,11 +62,7 @@ pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Resu
     Ok(Linear::new(linear.weight().clone(), linear.bias().cloned()))
 }
 
-/// `xs · weightᵀ + bias` over the last dimension.
-///
-/// The leading dimensions are flattened into one matrix product (candle-nn's `Linear` runs one
-/// product per batch item against a broadcast weight, and its weight and bias gradients are
-/// strided reductions over that broadcast); the bias is added by `kernels::add_bias`.
+/// `xs · weightᵀ + bias` over the last dimension, as one op (`kernels::linear`).
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
@@ -82,16 +78,7 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let mut dims = xs.dims().to_vec();
-        let in_dim = dims.pop().unwrap_or(1);
-        let rows = dims.iter().product::<usize>();
-        let ys = xs.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
-        let ys = match &self.bias {
-            Some(bias) => kernels::add_bias(&ys, bias)?,
-            None => ys,
-        };
-        dims.push(self.weight.dim(0)?);
-        ys.reshape(dims)
+        kernels::linear(xs, &self.weight, self.bias.as_ref())
     }
 }
 
@@ -146,24 +133,6 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
         groups,
         eps,
     })
-}
-
-/// Multi-head scaled dot-product attention on projected tokens: `q` `[batch, q_len,
-/// heads·head_dim]`, `k`/`v` `[batch, kv_len, heads·head_dim]`, returns `[batch, q_len,
-/// heads·head_dim]`. `causal`: query `i` sees keys `0..=i` only.
-pub fn multi_head_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    causal: bool,
-) -> Result<Tensor> {
-    let split = |xs: &Tensor| -> Result<Tensor> {
-        let (batch, len, dim) = xs.dims3()?;
-        xs.reshape((batch, len, heads, dim / heads))
-    };
-    let attended = kernels::attention(&split(q)?, &split(k)?, &split(v)?, causal)?;
-    attended.flatten_from(2)
 }
 
 /// The activations that diffusers and transformers configs name.
