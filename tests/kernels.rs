@@ -474,3 +474,27 @@ fn linear_gradient_matches_finite_differences_and_refuses_bad_shapes() {
     let err = kernels::linear(&f32(&values(&[2, 5], 1, 1.0)), &f32(&weight), None).unwrap_err();
     assert!(err.to_string().contains("does not fit"), "{err}");
 }
+
+#[test]
+fn activations_match_composed_ops() {
+    use kernels::Activation;
+    // Odd lengths around the 16 Ki-element work item, values past the sigmoid's saturation.
+    for (i, act) in [Activation::QuickGelu, Activation::Gelu, Activation::Silu]
+        .into_iter()
+        .enumerate()
+    {
+        let xs = values(&[3, 16 * 1024 / 3 + 5], 40 + i as u64, 12.0);
+        let (out_err, grad_err) = compare(std::slice::from_ref(&xs), |t| {
+            if t[0].dtype() == DType::F64 {
+                act.apply_composed(&t[0])
+            } else {
+                act.apply(&t[0])
+            }
+        });
+        assert!(out_err < 1e-5, "{act:?}: forward error {out_err}");
+        assert!(grad_err < 1e-5, "{act:?}: gradient error {grad_err}");
+        check_finite_difference(&values(&[4, 33], 50 + i as u64, 3.0), |x| act.apply(x));
+        let half = act.apply(&xs.to_dtype(DType::BF16).unwrap()).unwrap();
+        assert_eq!(half.dtype(), DType::BF16);
+    }
+}

@@ -10,6 +10,8 @@
 //! layer norm, and attention built on its softmax); training keeps the differentiable
 //! composed ops.
 
+pub mod activation;
+pub mod adamw;
 pub mod attention;
 pub mod conv2d;
 pub mod geglu;
@@ -21,6 +23,7 @@ mod simd;
 pub mod softmax;
 mod winograd;
 
+pub use activation::Activation;
 pub use attention::{attention, attention_composed};
 pub use conv2d::{conv2d, conv2d_composed};
 pub use geglu::{geglu, geglu_composed};

@@ -38,6 +38,8 @@ macro_rules! multiversion {
     };
 }
 
+use super::activation::Activation;
+
 /// Lanes of the accumulators that reductions keep (one AVX-512 register of f32).
 pub const LANES: usize = 16;
 
@@ -314,6 +316,58 @@ multiversion! {
         for ((((dv, dg), &v), &g), &d) in dvalue.iter_mut().zip(dgate.iter_mut()).zip(value).zip(gate).zip(dy) {
             *dv = d * gelu(g);
             *dg = d * v * gelu_grad(g);
+        }
+    }
+}
+
+/// `σ(alpha · x)` and `x · σ(alpha · x)`'s derivative `σ + alpha · x · σ · (1 − σ)`.
+#[inline(always)]
+fn gated_sigmoid_grad(x: f32, alpha: f32) -> f32 {
+    let s = sigmoid(alpha * x);
+    s + alpha * x * s * (1.0 - s)
+}
+
+/// The gate slope of the sigmoid-gated activations (QuickGELU, SiLU), `None` for GELU.
+fn sigmoid_slope(act: Activation) -> Option<f32> {
+    match act {
+        Activation::QuickGelu => Some(1.702),
+        Activation::Silu => Some(1.0),
+        Activation::Gelu => None,
+    }
+}
+
+multiversion! {
+    /// `ys = act(xs)`.
+    pub fn activation(act: Activation, xs: &[f32], ys: &mut [f32]) {
+        match sigmoid_slope(act) {
+            Some(alpha) => {
+                for (y, &x) in ys.iter_mut().zip(xs) {
+                    *y = x * sigmoid(alpha * x);
+                }
+            }
+            None => {
+                for (y, &x) in ys.iter_mut().zip(xs) {
+                    *y = gelu(x);
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `dx = dy · act'(xs)`.
+    pub fn activation_backward(act: Activation, xs: &[f32], dy: &[f32], dx: &mut [f32]) {
+        match sigmoid_slope(act) {
+            Some(alpha) => {
+                for ((d, &x), &g) in dx.iter_mut().zip(xs).zip(dy) {
+                    *d = g * gated_sigmoid_grad(x, alpha);
+                }
+            }
+            None => {
+                for ((d, &x), &g) in dx.iter_mut().zip(xs).zip(dy) {
+                    *d = g * gelu_grad(x);
+                }
+            }
         }
     }
 }

@@ -7,7 +7,7 @@ use candle_core::{bail, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::kernels;
-pub use crate::kernels::internal_dtype;
+pub use crate::kernels::{internal_dtype, Activation};
 
 /// Layer normalisation over the last dimension, computed in f32 for half-precision inputs.
 #[derive(Debug, Clone)]
@@ -133,25 +133,4 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
         groups,
         eps,
     })
-}
-
-/// The activations that diffusers and transformers configs name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Activation {
-    QuickGelu,
-    Gelu,
-    #[serde(alias = "swish")]
-    Silu,
-}
-
-impl Activation {
-    pub fn apply(self, xs: &Tensor) -> Result<Tensor> {
-        match self {
-            // x * sigmoid(1.702 x), as in OpenAI's CLIP.
-            Activation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
-            Activation::Gelu => xs.gelu_erf(),
-            Activation::Silu => xs.silu(),
-        }
-    }
 }

@@ -7,6 +7,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::VarMap;
 
+use crate::kernels::adamw::{adamw_update, AdamWUpdate};
 use crate::models::nn::internal_dtype;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -82,9 +83,14 @@ impl AdamW {
         self.step += 1;
         let t = self.step as i32;
         let cfg = self.config;
-        let bias_correction1 = 1.0 - cfg.beta1.powi(t);
-        let bias_correction2_sqrt = (1.0 - cfg.beta2.powi(t)).sqrt();
-        let step_size = lr / bias_correction1;
+        let update = AdamWUpdate {
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            decay: 1.0 - lr * cfg.weight_decay,
+            step_size: lr / (1.0 - cfg.beta1.powi(t)),
+            inv_bias_correction2_sqrt: 1.0 / (1.0 - cfg.beta2.powi(t)).sqrt(),
+        };
         for (name, var) in &self.vars {
             let Some(grad) = grads.get(var.as_tensor()) else {
                 continue;
@@ -100,14 +106,14 @@ impl AdamW {
                     exp_avg_sq: grad.zeros_like()?,
                 },
             };
-            let exp_avg = ((moments.exp_avg * cfg.beta1)? + (&grad * (1.0 - cfg.beta1))?)?;
-            let exp_avg_sq =
-                ((moments.exp_avg_sq * cfg.beta2)? + (grad.sqr()? * (1.0 - cfg.beta2))?)?;
-            let denom = ((exp_avg_sq.sqrt()? / bias_correction2_sqrt)? + cfg.eps)?;
-            let theta = var.as_tensor().to_dtype(grad.dtype())?;
-            let decayed = (&theta * (1.0 - lr * cfg.weight_decay))?;
-            let updated = (decayed - ((&exp_avg / denom)? * step_size)?)?;
-            var.set(&updated.to_dtype(var.dtype())?)?;
+            let (updated, exp_avg, exp_avg_sq) = adamw_update(
+                var.as_tensor(),
+                &grad,
+                &moments.exp_avg,
+                &moments.exp_avg_sq,
+                &update,
+            )?;
+            var.set(&updated)?;
             self.moments.insert(
                 name.clone(),
                 Moments {
