@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::gemm::{matmul, matmul_raw, Matrix, SharedOut};
 use super::winograd::Winograd;
-use super::{contiguous_f32, read_f32, sum_partials, uses_cpu_kernel, with_scratch};
+use super::{contiguous_f32, read_f32, simd, sum_partials, uses_cpu_kernel, with_scratch};
 
 /// Output pixels per work item (whole rows): enough columns for an efficient gemm, few enough
 /// that `c_in·9 × TILE_PIXELS` columns stay a few MiB.
@@ -345,9 +345,9 @@ impl CustomOp3 for Conv2dOp {
                                 let image = &xs[b * image_len..(b + 1) * image_len];
                                 let dy_image = &grad[b * out_len..(b + 1) * out_len];
                                 for (c, db) in dbias.iter_mut().enumerate() {
-                                    *db += dy_image[c * g.out_pixels()..(c + 1) * g.out_pixels()]
-                                        .iter()
-                                        .sum::<f32>();
+                                    *db += simd::sum(
+                                        &dy_image[c * g.out_pixels()..(c + 1) * g.out_pixels()],
+                                    );
                                 }
                                 for (first, rows) in g.tiles() {
                                     let n = rows * g.out_w;
