@@ -14,9 +14,9 @@ use rayon::prelude::*;
 use super::gemm::{matmul, matmul_raw, Matrix};
 use super::{channel_values, contiguous_f32, read_f32, sum_partials, ROW_CHUNKS};
 
-/// Rows per work item of the products: enough for an efficient gemm, small enough that the
+/// Rows per work item of the products: enough for an efficient gemm, few enough that the
 /// activations of one layer give every thread work.
-const ROW_BLOCK: usize = 128;
+const ROW_BLOCK: usize = 256;
 
 /// `xs · weightᵀ (+ bias)` for `xs: [..., in]`, `weight: [out, in]`, `bias: [out]`.
 pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -73,7 +73,9 @@ impl LinearOp {
             .transpose()?;
         let rows = xs.len() / in_dim.max(1);
         let mut ys = vec![0f32; rows * out_dim];
-        let weight_t = Matrix::rows(weight, out_dim, in_dim, in_dim).t();
+        // Transposed once here rather than gathered by every block's packing.
+        let weight_t = transpose(weight, out_dim, in_dim);
+        let weight_t = Matrix::rows(&weight_t, in_dim, out_dim, out_dim);
         row_block_products(&mut ys, out_dim, xs, in_dim, |block, inputs| {
             if let Some(bias) = bias {
                 block
@@ -157,6 +159,17 @@ fn row_block_products(
             );
             product(block, inputs);
         });
+}
+
+/// `matrix` (`rows × cols`, row-major) transposed.
+fn transpose(matrix: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * cols];
+    for (r, row) in matrix.chunks_exact(cols.max(1)).enumerate() {
+        for (c, &value) in row.iter().enumerate() {
+            out[c * rows + r] = value;
+        }
+    }
+    out
 }
 
 /// Sums the rows of `values` (rows of `channels`) in [`ROW_CHUNKS`] parallel chunks, added in
