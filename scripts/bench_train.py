@@ -4,7 +4,7 @@ model's recipe (scripts/train_default.sh: batch 32, 64x64 images -> 16x16x4 late
 (32, 64, 128) with 4 heads + a CLIP text encoder (128 wide, 2 layers) trained jointly, AdamW,
 gradient clipping, v-prediction).
 
-    scripts/bench_train.py [--steps 12] [--threads N] [--record]
+    scripts/bench_train.py [--steps 12] [--threads N] [--repeat R] [--record]
 
 ldm: `ldm train` on a synthetic captioned image folder (64 solid-shape PNGs made here; speed does
 not depend on content), run for 2 and for 2 + --steps steps with the same seed; the per-step time
@@ -14,6 +14,8 @@ PyTorch: diffusers' UNet2DConditionModel and transformers' CLIPTextModel built f
 ldm exported (the same architecture), fed random latents and token ids of the same shapes, with
 the same loss (v-prediction MSE), AdamW(lr 5e-4), clip_grad_norm_(1.0) and zero_grad; the
 per-step time is the mean over --steps steps after 2 warm-up steps.
+With --repeat R the two sides alternate R times and the table gives medians (the ratio column:
+the median of the per-run ratios), which tames a shared machine's swings.
 Ratio = PyTorch s/step / ldm s/step (above 1: ldm is faster), for wall time and for CPU time
 (user + system; the robust measure when other processes share the machine, with --threads 1). --record appends the table to the
 "## Training" section of BENCHMARKS.md.
@@ -27,6 +29,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -123,30 +126,41 @@ def main() -> None:
     ap.add_argument("--ldm", default=str(REPO / "target" / "release" / "ldm"))
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--repeat", type=int, default=1, help="interleaved ldm/PyTorch runs; medians reported")
     ap.add_argument("--record", action="store_true")
     ap.add_argument("--results", default=str(REPO / "BENCHMARKS.md"))
     args = ap.parse_args()
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_data(tmp / "data")
-        short = run_ldm(args.ldm, tmp / "data", tmp / "short", 2, args.threads)
-        long = run_ldm(args.ldm, tmp / "data", tmp / "long", 2 + args.steps, args.threads)
-        ldm_wall, ldm_cpu = ((b - a) / args.steps for a, b in zip(short, long))
-        torch_wall, torch_cpu = run_torch(tmp / "long", args.steps, args.threads)
+        # Each repeat runs ldm and then PyTorch, so that both see the machine in the same state;
+        # the table reports the median of the per-repeat ratios.
+        for _ in range(args.repeat):
+            short = run_ldm(args.ldm, tmp / "data", tmp / "short", 2, args.threads)
+            long = run_ldm(args.ldm, tmp / "data", tmp / "long", 2 + args.steps, args.threads)
+            ldm_wall, ldm_cpu = ((b - a) / args.steps for a, b in zip(short, long))
+            torch_wall, torch_cpu = run_torch(tmp / "long", args.steps, args.threads)
+            runs.append((ldm_wall, torch_wall, ldm_cpu, torch_cpu))
+            print(f"run {len(runs)}: ldm {ldm_wall:.3f} s/step (CPU {ldm_cpu:.3f}), PyTorch "
+                  f"{torch_wall:.3f} (CPU {torch_cpu:.3f}): {torch_wall / ldm_wall:.2f}x", flush=True)
+    ldm_wall, torch_wall, ldm_cpu, torch_cpu = (statistics.median(column) for column in zip(*runs))
+    wall_ratio = statistics.median(t / l for l, t, _, _ in runs)
+    cpu_ratio = statistics.median(t / l for _, _, l, t in runs)
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     table = (
         "| case | ldm s/step | PyTorch s/step | speedup (PyTorch/ldm) | ldm CPU s/step | PyTorch CPU s/step "
         "| CPU-time speedup |\n|---|---|---|---|---|---|---|\n"
         f"| default-model recipe, batch 32, {args.threads} thread(s) | {ldm_wall:.3f} | {torch_wall:.3f} "
-        f"| **{torch_wall / ldm_wall:.2f}x** | {ldm_cpu:.3f} | {torch_cpu:.3f} | {torch_cpu / ldm_cpu:.2f}x |\n"
+        f"| **{wall_ratio:.2f}x** | {ldm_cpu:.3f} | {torch_cpu:.3f} | {cpu_ratio:.2f}x |\n"
     )
     print(table)
-    print(f"ldm: {short[0]:.1f} s for 2 steps, {long[0]:.1f} s for {2 + args.steps}; load average {load}")
+    print(f"median of {args.repeat} interleaved run(s); load average {load}")
     if args.record:
         import torch
 
         stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-        entry = (f"\n### {stamp}: `scripts/bench_train.py --steps {args.steps} --threads {args.threads}`\n\n"
+        entry = (f"\n### {stamp}: `scripts/bench_train.py --steps {args.steps} --threads {args.threads} --repeat {args.repeat}`\n\n"
                  f"{table}\nMachine: {os.cpu_count()} cores, load average {load}; torch {torch.__version__}.\n")
         path = Path(args.results)
         content = path.read_text() if path.exists() else "# Benchmarks\n"
