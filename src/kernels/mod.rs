@@ -11,7 +11,6 @@
 //! composed ops.
 
 pub mod activation;
-pub mod adamw;
 pub mod attention;
 pub mod conv2d;
 pub mod geglu;
@@ -19,6 +18,7 @@ mod gemm;
 pub mod group_norm;
 pub mod layer_norm;
 pub mod linear;
+pub mod optimizer;
 mod simd;
 pub mod softmax;
 mod winograd;

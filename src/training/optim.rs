@@ -4,10 +4,10 @@
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::{Result, Tensor, Var};
 use candle_nn::VarMap;
 
-use crate::kernels::adamw::{adamw_update, AdamWUpdate};
+use crate::kernels::optimizer::{adamw_update, ema_update, sum_squares, AdamWUpdate};
 use crate::models::nn::internal_dtype;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -211,7 +211,7 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &VarMap, max_norm: f64) -> Re
     let squares = vars
         .values()
         .filter_map(|var| grads.get(var.as_tensor()))
-        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
+        .map(sum_squares)
         .collect::<Result<Vec<_>>>()?;
     if squares.is_empty() {
         return Ok(GradNorm(None));
@@ -285,7 +285,7 @@ impl Ema {
             let current = var.as_tensor().to_dtype(shadow.dtype())?;
             // Detached: otherwise each shadow would keep the previous one alive through the
             // autograd graph (the variable is tracked), growing memory every update.
-            *shadow = ((&*shadow * d)? + (current * (1.0 - d))?)?.detach();
+            *shadow = ema_update(shadow, &current, d)?.detach();
         }
         self.updates += 1;
         Ok(())

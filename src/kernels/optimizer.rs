@@ -1,10 +1,11 @@
-//! One AdamW update of a variable and its moments as a single parallel pass.
+//! The optimizer's elementwise work as single parallel passes: the AdamW update of a variable
+//! and its moments, the EMA of the weights, and the squared gradient norms for clipping.
 //!
-//! From candle's ops the update is a dozen elementwise passes, each a fresh buffer on one
-//! thread (candle's own elementwise pool is kept to the calling thread, see `threads`): in a
-//! two-thread training step of the default model that serial stretch was a few percent of
-//! the step. Here each element is read once and its three new values written once, in
-//! parallel chunks. Not a graph op: the optimizer is never differentiated.
+//! From candle's ops the AdamW update is a dozen elementwise passes, each a fresh buffer on
+//! one thread (candle's own elementwise pool is kept to the calling thread, see `threads`): in
+//! a two-thread training step of the default model that serial stretch was a few percent of
+//! the step. Here each element is read once and its new values written once, in parallel
+//! chunks. Not graph ops: the optimizer is never differentiated.
 
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
@@ -43,10 +44,7 @@ pub fn adamw_update(
     exp_avg_sq: &Tensor,
     update: &AdamWUpdate,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let all_f32_cpu = [theta, grad, exp_avg, exp_avg_sq]
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
-    if !all_f32_cpu {
+    if !all_f32_cpu(&[theta, grad, exp_avg, exp_avg_sq]) {
         return adamw_update_composed(theta, grad, exp_avg, exp_avg_sq, update);
     }
     let len = theta.elem_count();
@@ -119,6 +117,60 @@ pub fn adamw_update_composed(
     Ok((updated.to_dtype(theta.dtype())?, exp_avg, exp_avg_sq))
 }
 
+/// `shadow · decay + current · (1 − decay)`, the EMA update (`current` in the shadow's dtype).
+pub fn ema_update(shadow: &Tensor, current: &Tensor, decay: f64) -> Result<Tensor> {
+    if !all_f32_cpu(&[shadow, current]) {
+        return ema_update_composed(shadow, current, decay);
+    }
+    let (d, one_minus_d) = (decay as f32, (1.0 - decay) as f32);
+    let mut out = vec![0f32; shadow.elem_count()];
+    read_f32(shadow, |shadow| {
+        read_f32(current, |current| {
+            out.par_chunks_mut(CHUNK)
+                .zip(shadow.par_chunks(CHUNK).zip(current.par_chunks(CHUNK)))
+                .for_each(|(out, (shadow, current))| {
+                    for ((o, &s), &c) in out.iter_mut().zip(shadow).zip(current) {
+                        // The composed path's affine maps and add, in its order.
+                        *o = s * d + c * one_minus_d;
+                    }
+                });
+            Ok(())
+        })
+    })?;
+    Tensor::from_vec(out, shadow.shape(), shadow.device())
+}
+
+/// The same from candle's ops (reference, GPU and half-precision path).
+pub fn ema_update_composed(shadow: &Tensor, current: &Tensor, decay: f64) -> Result<Tensor> {
+    (shadow * decay)? + (current * (1.0 - decay))?
+}
+
+/// `Σ x²` over all of `xs` in f32, as a 0-dimensional tensor on `xs`'s device.
+pub fn sum_squares(xs: &Tensor) -> Result<Tensor> {
+    if !all_f32_cpu(&[xs]) {
+        return sum_squares_composed(xs);
+    }
+    // Fixed chunks summed in order: the result does not depend on the thread count.
+    let partials: Vec<f32> = read_f32(xs, |xs| {
+        Ok(xs
+            .par_chunks(CHUNK)
+            .map(|chunk| super::simd::dot(chunk, chunk))
+            .collect())
+    })?;
+    Tensor::new(partials.iter().sum::<f32>(), xs.device())
+}
+
+/// The same from candle's ops.
+pub fn sum_squares_composed(xs: &Tensor) -> Result<Tensor> {
+    xs.to_dtype(DType::F32)?.sqr()?.sum_all()
+}
+
+fn all_f32_cpu(tensors: &[&Tensor]) -> bool {
+    tensors
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,6 +209,29 @@ mod tests {
                 .to_scalar::<f32>()?;
             assert_eq!(diff, 0.0);
         }
+        Ok(())
+    }
+
+    #[test]
+    fn ema_and_squared_norm_match_the_composed_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let shape = (5, CHUNK / 3 + 11);
+        let shadow = Tensor::randn(0f32, 1.0, shape, &dev)?;
+        let current = Tensor::randn(0f32, 1.0, shape, &dev)?;
+        let fused = ema_update(&shadow, &current, 0.9)?;
+        let composed = ema_update_composed(&shadow, &current, 0.9)?;
+        let diff = (fused - composed)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
+        let fused = sum_squares(&current)?.to_scalar::<f32>()?;
+        let composed = sum_squares_composed(&current)?.to_scalar::<f32>()?;
+        assert!(
+            (fused - composed).abs() <= 1e-5 * composed,
+            "{fused} vs {composed}"
+        );
         Ok(())
     }
 }
