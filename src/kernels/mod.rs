@@ -78,7 +78,7 @@ fn channel_values<'a>(
 ) -> Result<&'a [f32]> {
     match layout.contiguous_offsets() {
         Some((start, end)) if end - start == channels => Ok(&cpu_f32(storage)?[start..end]),
-        _ => bail!("norm parameters must be contiguous vectors of {channels} values"),
+        _ => bail!("per-channel parameters (norm weights, biases) must be contiguous vectors of {channels} values"),
     }
 }
 
