@@ -39,9 +39,12 @@ impl LatentCache {
             }
         }
         let cfg = vae.config();
+        // The posterior's halves are views of the encoder's moments; with a single chunk `cat`
+        // returns that view, and the rows are gathered from it with `index_select`, which
+        // needs contiguous storage.
         Ok(Self {
-            mean: Tensor::cat(&means, 0)?,
-            logvar: Tensor::cat(&logvars, 0)?,
+            mean: Tensor::cat(&means, 0)?.contiguous()?,
+            logvar: Tensor::cat(&logvars, 0)?.contiguous()?,
             images: n,
             scaling_factor: cfg.scaling_factor,
             shift_factor: cfg.shift_factor,
