@@ -351,6 +351,41 @@ fn interrupted_and_killed_runs_resume_to_the_uninterrupted_weights() {
 }
 
 /// A fresh U-Net and text encoder in one `VarMap`, as the trainer builds them.
+/// A batch of more than 16 rows is split into shards whose passes run side by side: the
+/// weights come out the same with one thread as with two.
+#[test]
+fn sharded_steps_give_the_same_weights_on_any_number_of_threads() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path().join("data");
+    shapes_data_set(&data);
+    // Four more images (copies under new names) for a batch of 20: two shards.
+    let mut metadata = std::fs::read_to_string(data.join("metadata.jsonl")).unwrap();
+    for (i, shape) in SHAPES.iter().enumerate() {
+        let copy = format!("copy_{i}.png");
+        std::fs::copy(data.join(format!("red_{shape}.png")), data.join(&copy)).unwrap();
+        metadata.push_str(&format!(
+            "{{\"file_name\": \"{copy}\", \"text\": \"a red {shape}\"}}\n"
+        ));
+    }
+    std::fs::write(data.join("metadata.jsonl"), metadata).unwrap();
+    let run = |threads: usize| {
+        let out = temp.path().join(format!("threads-{threads}"));
+        let options = TrainUNetOptions {
+            batch_size: 20,
+            max_steps: 2,
+            ..tiny_options(&data, &out)
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| unet::train(&options, &mut Silent)).unwrap();
+        load(&out.join("checkpoint/model.safetensors"))
+    };
+    let diff = max_diff_all(&run(1), &run(2));
+    assert_eq!(diff, 0.0, "one vs two threads: max abs diff {diff}");
+}
+
 fn fresh_models(seed: u64) -> (VarMap, UNet2DConditionModel, ClipTextModel, PromptTokenizer) {
     let tokenizer = PromptTokenizer::from_dir(&fixture("tiny-sd1/tokenizer")).unwrap();
     let text_config = text_sizes().config(&tokenizer);

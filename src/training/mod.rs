@@ -1,7 +1,8 @@
 //! Training: the VAE (`train-vae`) and the text-conditioned latent U-Net (`train`).
 //!
 //! Both trainers share the pieces here: one loop with its stop, checkpoint and sample points
-//! (`driver`), a captioned image folder (`data`), AdamW with warm-up, clipping and EMA (`optim`),
+//! (`driver`), a captioned image folder (`data`), data-parallel shards of a batch on the CPU
+//! (`data_parallel`), AdamW with warm-up, clipping and EMA (`optim`),
 //! atomic checkpoints that resume bit-for-bit (`checkpoint`), the loss log and plot, and the
 //! observer a loop reports to (`metrics`). Everything random in training (weight
 //! initialisation, data order, flips, noise) is derived from `--seed`, so a resumed run repeats
@@ -9,6 +10,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod data_parallel;
 pub mod driver;
 pub mod export;
 pub mod metrics;

@@ -19,6 +19,7 @@
 //! uninterrupted one.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -29,6 +30,7 @@ use serde_json::{json, Value};
 
 use super::checkpoint::{self, TrainState};
 use super::data::{self, DataCursor, ImageFolder};
+use super::data_parallel;
 use super::driver::{self, LoopPlan, StepOutcome, TrainingRun};
 use super::export::{self, PipelineExport, TextEncoderExport};
 use super::metrics::{LossLog, TrainObserver, LOSS_PLOT};
@@ -383,27 +385,33 @@ impl TrainingRun for Trainer<'_> {
 
         self.refresh_networks()?;
         let networks = self.networks.as_ref().expect("refreshed above");
-        let conditioning = match (&networks.text_encoder, &self.text_encoder) {
-            (Some(trained), _) => trained.forward(&input_ids)?,
-            (None, TextEncoder::Frozen { model, .. }) => model.forward(&input_ids)?,
-            (None, TextEncoder::Trained { .. }) => unreachable!("built with the networks"),
+        let latents = latents.to_dtype(cfg.dtype)?;
+        let noise = noise.to_dtype(cfg.dtype)?;
+        let shard_loss = |rows: Range<usize>| -> candle_core::Result<Tensor> {
+            let ids = input_ids.narrow(0, rows.start, rows.len())?;
+            let conditioning = match (&networks.text_encoder, &self.text_encoder) {
+                (Some(trained), _) => trained.forward(&ids)?,
+                (None, TextEncoder::Frozen { model, .. }) => model.forward(&ids)?,
+                (None, TextEncoder::Trained { .. }) => unreachable!("built with the networks"),
+            };
+            diffusion_loss(
+                &networks.unet,
+                &conditioning,
+                &self.schedule,
+                cfg.prediction,
+                &latents.narrow(0, rows.start, rows.len())?,
+                &noise.narrow(0, rows.start, rows.len())?,
+                &choices.timesteps[rows],
+            )
         };
-        let loss = diffusion_loss(
-            &networks.unet,
-            &conditioning,
-            &self.schedule,
-            cfg.prediction,
-            &latents.to_dtype(cfg.dtype)?,
-            &noise.to_dtype(cfg.dtype)?,
-            &choices.timesteps,
-        )?;
-        let loss_value = loss.to_scalar::<f32>()? as f64;
+        let vars = self.varmap.all_vars();
+        let (loss_value, mut grads) =
+            data_parallel::sharded_backward(indices.len(), device, &vars, shard_loss)?;
         ensure!(
             loss_value.is_finite(),
             "the loss became {loss_value} at step {}; lower the learning rate (the last checkpoint is intact)",
             self.step + 1
         );
-        let mut grads = loss.backward()?;
         let grad_norm = optim::clip_grad_norm(&mut grads, &self.varmap, cfg.max_grad_norm)?;
         let lr = optim::warmup_lr(self.step, cfg.optimizer.lr, cfg.warmup_steps);
         self.optim.step(&grads, lr)?;
