@@ -37,3 +37,34 @@ pub fn configure(threads: Option<usize>) -> anyhow::Result<()> {
 pub fn in_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| work())
 }
+
+/// `0..len` as `parts` consecutive ranges whose lengths differ by at most one (the first ones
+/// longer); fewer when `len < parts`, none when `len` is 0.
+pub fn split_evenly(len: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
+    let parts = parts.clamp(1, len.max(1));
+    let (base, extra) = (len / parts, len % parts);
+    let mut start = 0;
+    (0..parts)
+        .map(|i| {
+            let rows = base + usize::from(i < extra);
+            start += rows;
+            start - rows..start
+        })
+        .filter(|range| !range.is_empty())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_evenly_covers_the_range_in_order() {
+        assert!(split_evenly(0, 2).is_empty());
+        assert_eq!(split_evenly(1, 2), vec![0..1]);
+        assert_eq!(split_evenly(2, 2), vec![0..1, 1..2]);
+        assert_eq!(split_evenly(7, 1), vec![0..7]);
+        assert_eq!(split_evenly(17, 2), vec![0..9, 9..17]);
+        assert_eq!(split_evenly(50, 4), vec![0..13, 13..26, 26..38, 38..50]);
+    }
+}
