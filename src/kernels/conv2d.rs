@@ -334,6 +334,10 @@ impl CustomOp3 for Conv2dOp {
                     if image_len == 0 || out_len == 0 {
                         return Ok(());
                     }
+                    let winograd = g.winograd().filter(Winograd::worthwhile);
+                    if let Some(winograd) = winograd {
+                        winograd.input_gradient(grad, weight, &mut dx);
+                    }
                     dx.par_chunks_mut(BATCH_CHUNK * image_len)
                         .zip(dweight.par_chunks_mut(g.c_out * patch))
                         .zip(dbias.par_chunks_mut(g.c_out))
@@ -380,6 +384,9 @@ impl CustomOp3 for Conv2dOp {
                                         let cols = Matrix::rows(cols, patch, n, n);
                                         matmul(dweight, patch, dy, cols.t(), 1.0, true);
                                     });
+                                    if winograd.is_some() {
+                                        continue;
+                                    }
                                     with_scratch(patch * n, |dcols| {
                                         matmul(dcols, n, kernel.t(), dy, 1.0, false);
                                         g.col2im_add(dcols, first, rows, dx);

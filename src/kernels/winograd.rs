@@ -6,8 +6,9 @@
 //! (`V = Bᵀ d B`, `U = G g Gᵀ`), multiplied elementwise over the 16 positions — which across
 //! channels is 16 matrix products `M_ξ = U_ξ · V_ξ` — and transformed back (`Y = Aᵀ M A`). The
 //! arithmetic drops 2.25×; the transforms are additions only and cost a few percent. These
-//! are most of the convolutions of SD's U-Net and VAE. The backward pass is unchanged (it
-//! does not depend on how the forward pass was computed).
+//! are most of the convolutions of SD's U-Net and VAE. In training, the input gradient is
+//! such a convolution too (of the output gradient, with the kernel flipped and transposed)
+//! and takes the same path; the kernel gradient keeps the im2col products.
 
 use rayon::prelude::*;
 
@@ -86,6 +87,27 @@ impl Winograd {
                 )
             };
         });
+    }
+
+    /// The input gradient `dx` `[batch, c_in, h, w]` of this convolution from the output
+    /// gradient `grad` `[batch, c_out, h, w]`: itself a 3×3 same convolution, of `grad` with
+    /// the kernel flipped in space and its channel roles swapped, so the same path computes it.
+    pub fn input_gradient(&self, grad: &[f32], weight: &[f32], dx: &mut [f32]) {
+        let mut flipped = vec![0f32; weight.len()];
+        for (o, kernels) in weight.chunks_exact(9 * self.c_in).enumerate() {
+            for (i, g) in kernels.chunks_exact(9).enumerate() {
+                let at = (i * self.c_out + o) * 9;
+                for (t, &value) in g.iter().enumerate() {
+                    flipped[at + 8 - t] = value;
+                }
+            }
+        }
+        let transposed = Self {
+            c_in: self.c_out,
+            c_out: self.c_in,
+            ..*self
+        };
+        transposed.forward(grad, &flipped, &vec![0.0; self.c_in], dx);
     }
 
     /// `U_ξ` for every output channel: `[c_out, 16, c_in]`, so that `U_ξ` is the
