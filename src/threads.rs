@@ -8,6 +8,10 @@
 //! that wait (4.2× the CPU time of one thread). Those elementwise ops are a few percent of a
 //! step, so candle's pool is kept to the calling thread unless `CANDLE_NUM_THREADS` says
 //! otherwise.
+//!
+//! Above the ops, whole passes run side by side where one image's ops are too small to keep
+//! the threads busy: the denoising loop's U-Net rows (`pipelines::denoise`) and training's
+//! batch shards (`training::data_parallel`).
 
 use anyhow::{bail, Context};
 
