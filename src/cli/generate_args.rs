@@ -45,7 +45,8 @@ pub struct ModelArgs {
     #[arg(long, value_name = "DEVICE")]
     pub device: Option<DeviceSpec>,
 
-    /// Precision of the weights and activations. Default: f32 on cpu, f16 on a GPU.
+    /// Precision of the weights and activations. Default: f32 on cpu, f16 on a GPU. On the
+    /// CPU, f16 and bf16 run slower than f32 (ldm's kernels widen them to f32 inside each op).
     #[arg(long, value_enum, value_name = "DTYPE")]
     pub dtype: Option<Precision>,
 
