@@ -113,9 +113,7 @@ impl StableDiffusion {
         }
         Ok(latents)
     }
-}
 
-impl StableDiffusion {
     /// The U-Net's prediction for every row. On the CPU with several threads every row is its
     /// own forward pass, the rows side by side on the thread pool: the ops of one small image
     /// keep two threads busy only part of the time (the default model, 100 DDIM steps at two

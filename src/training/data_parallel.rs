@@ -53,7 +53,9 @@ where
         })
         .collect::<Result<Vec<_>>>()?;
     let mut parts = parts.into_iter();
-    let (mut loss, mut total) = parts.next().expect("at least one shard");
+    let Some((mut loss, mut total)) = parts.next() else {
+        candle_core::bail!("an empty batch has no loss");
+    };
     for (part_loss, part) in parts {
         loss += part_loss;
         for var in vars {
