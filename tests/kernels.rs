@@ -475,6 +475,35 @@ fn linear_gradient_matches_finite_differences_and_refuses_bad_shapes() {
     assert!(err.to_string().contains("does not fit"), "{err}");
 }
 
+/// bf16 layers multiply bf16 values (with AVX-512-BF16, as bf16 with f32 sums; elsewhere
+/// through candle): the result is the f64 product of the same bf16 values, rounded to bf16.
+#[test]
+fn bf16_linear_matches_the_product_of_its_rounded_values() {
+    for (rows, in_dim, out_dim) in [(300, 70, 33), (5, 257, 64)] {
+        let bf16 = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+        let xs = bf16(values(&[rows, in_dim], 31, 1.0));
+        let weight = bf16(values(&[out_dim, in_dim], 32, 0.3));
+        let bias = bf16(values(&[out_dim], 33, 1.0));
+        let ys = kernels::linear(&xs, &weight, Some(&bias)).unwrap();
+        assert_eq!(ys.dtype(), DType::BF16);
+        let f64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let exact = kernels::linear_composed(&f64(&xs), &f64(&weight), Some(&f64(&bias))).unwrap();
+        let scale = exact
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        // One bf16 rounding of the output: 2^-8 relative.
+        let err = max_diff(&ys, &exact);
+        assert!(
+            err <= scale / 256.0,
+            "({rows}, {in_dim}, {out_dim}): {err} of {scale}"
+        );
+    }
+}
+
 #[test]
 fn activations_match_composed_ops() {
     use kernels::Activation;

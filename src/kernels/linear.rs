@@ -12,6 +12,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result,
 use rayon::prelude::*;
 
 use super::gemm::{matmul, matmul_raw, Matrix};
+use super::gemm_bf16;
 use super::{channel_values, contiguous_f32, read_f32, sum_partials, ROW_CHUNKS};
 
 /// Rows per work item of the products: enough for an efficient gemm, few enough that the
@@ -20,9 +21,14 @@ const ROW_BLOCK: usize = 256;
 
 /// `xs · weightᵀ (+ bias)` for `xs: [..., in]`, `weight: [out, in]`, `bias: [out]`.
 pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    // Half precision keeps candle's half-precision products (no f32 copy of the weights).
-    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    if !(f32_cpu(xs) && f32_cpu(weight) && bias.is_none_or(f32_cpu)) {
+    let on_cpu_as = |t: &Tensor, dtype: DType| t.device().is_cpu() && t.dtype() == dtype;
+    let all_cpu = |dtype: DType| {
+        on_cpu_as(xs, dtype) && on_cpu_as(weight, dtype) && bias.is_none_or(|b| on_cpu_as(b, dtype))
+    };
+    // bf16 multiplies as bf16 where the CPU can; f16 (and bf16 elsewhere) keeps candle's
+    // half-precision path (no f32 copy of the weights).
+    let bf16_products = all_cpu(DType::BF16) && gemm_bf16::available();
+    if !(all_cpu(DType::F32) || bf16_products) {
         return linear_composed(xs, weight, bias);
     }
     let (out_dim, in_dim) = weight.dims2()?;
@@ -34,11 +40,15 @@ pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Ten
             bias.map(|b| b.dims())
         );
     }
-    let (xs, weight) = (xs.contiguous()?, weight.contiguous()?);
-    match bias {
-        Some(bias) => xs.apply_op3(&weight, &bias.contiguous()?, LinearOp),
-        None => xs.apply_op2(&weight, LinearOp),
-    }
+    // bf16 values are exact in f32: the op reads f32 and rounds nothing when it packs them.
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let (xs_f32, weight) = (f32(xs)?, f32(weight)?);
+    let op = LinearOp { bf16_products };
+    let ys = match bias {
+        Some(bias) => xs_f32.apply_op3(&weight, &f32(bias)?, op)?,
+        None => xs_f32.apply_op2(&weight, op)?,
+    };
+    ys.to_dtype(xs.dtype())
 }
 
 /// The same from candle's ops (reference and GPU path): one flattened product, so the
@@ -56,7 +66,10 @@ pub fn linear_composed(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> R
     ys.reshape(dims)
 }
 
-struct LinearOp;
+/// `bf16_products`: the operands are bf16 values (in f32), multiplied as bf16.
+struct LinearOp {
+    bf16_products: bool,
+}
 
 impl LinearOp {
     fn forward(
@@ -73,6 +86,22 @@ impl LinearOp {
             .transpose()?;
         let rows = xs.len() / in_dim.max(1);
         let mut ys = vec![0f32; rows * out_dim];
+        let start_with_bias = |block: &mut [f32]| {
+            if let Some(bias) = bias {
+                block
+                    .chunks_exact_mut(out_dim)
+                    .for_each(|row| row.copy_from_slice(bias));
+            }
+        };
+        if self.bf16_products {
+            let weight_t =
+                gemm_bf16::PackedRhs::new(Matrix::rows(weight, out_dim, in_dim, in_dim).t());
+            row_block_products(&mut ys, out_dim, xs, in_dim, |block, inputs| {
+                start_with_bias(block);
+                gemm_bf16::matmul(block, out_dim, inputs, &weight_t, 1.0, bias.is_some());
+            });
+            return Ok(CpuStorage::F32(ys));
+        }
         // With several row blocks the weight is transposed once here rather than gathered
         // by every block's packing; one block's packing gathers it once anyway.
         let transposed;
@@ -83,11 +112,7 @@ impl LinearOp {
             Matrix::rows(weight, out_dim, in_dim, in_dim).t()
         };
         row_block_products(&mut ys, out_dim, xs, in_dim, |block, inputs| {
-            if let Some(bias) = bias {
-                block
-                    .chunks_exact_mut(out_dim)
-                    .for_each(|row| row.copy_from_slice(bias));
-            }
+            start_with_bias(block);
             matmul(block, out_dim, inputs, weight_t, 1.0, bias.is_some());
         });
         Ok(CpuStorage::F32(ys))

@@ -15,6 +15,7 @@ pub mod attention;
 pub mod conv2d;
 pub mod geglu;
 mod gemm;
+mod gemm_bf16;
 pub mod group_norm;
 pub mod layer_norm;
 pub mod linear;
