@@ -350,6 +350,7 @@ def run_ldm(args, model: Path, n: int, size: tuple[int, int], out_dir: Path) -> 
         "--seed", str(args.seed),
         "-W", str(size[0]), "-H", str(size[1]),
         "--device", "cpu", "--dtype", args.dtype,
+        *(["--quantize", args.quantize] if args.quantize else []),
         "-N", str(n),
         "--save-latents", str(latents),
         "-o", str(out_dir / "ldm.png"),
@@ -570,7 +571,7 @@ def render(results, info, args, model_desc, size, loads, params) -> str:
     lines.append(
         f"Model: {model_desc}; params unet {params['unet'] / 1e6:.1f}M, vae {params['vae'] / 1e6:.1f}M, "
         f"text encoder {params['text_encoder'] / 1e6:.1f}M. {size[0]}x{size[1]}, DDIM {args.steps} steps, "
-        f"guidance {args.guidance} (batch 2n through the U-Net), seed {args.seed}, {args.dtype}, "
+        f"guidance {args.guidance} (batch 2n through the U-Net), seed {args.seed}, {args.dtype}{' (ldm --quantize ' + args.quantize + ')' if args.quantize else ''}, "
         f"{args.threads} threads each (torch.set_num_threads / RAYON_NUM_THREADS); best of {args.repeat}."
     )
     lines.append("")
@@ -673,6 +674,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
                     help="weights and activations on both sides (bf16: both round differently, so "
                          "raise --max-pixel-diff)")
+    ap.add_argument("--quantize", choices=["q8_0"],
+                    help="ldm's --quantize (diffusers stays unquantized: raise --max-pixel-diff)")
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--size", type=int, help="width = height in pixels (default: the model's native size)")

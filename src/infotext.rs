@@ -30,6 +30,8 @@ pub struct GenerationInfo {
     pub denoising_strength: Option<f64>,
     /// A1111's "Clip skip" (2 = the layer before the last), recorded when it is over 1.
     pub clip_skip: Option<usize>,
+    /// The weights' quantization (`--quantize`; it changes the image), when there is one.
+    pub quantization: Option<String>,
 }
 
 impl GenerationInfo {
@@ -59,6 +61,9 @@ impl GenerationInfo {
         }
         if let Some(eta) = self.eta.filter(|&eta| eta != 0.0) {
             params.push(("Eta DDIM", python_float(eta)));
+        }
+        if let Some(quantization) = &self.quantization {
+            params.push(("Quantization", quantization.clone()));
         }
         // Our noise is torch's CPU generator, which is what A1111 calls its CPU RNG.
         params.push(("RNG", "CPU".to_string()));
@@ -117,6 +122,7 @@ mod tests {
             eta: Some(0.0),
             denoising_strength: None,
             clip_skip: None,
+            quantization: None,
         }
     }
 
@@ -142,6 +148,7 @@ mod tests {
         info.clip_skip = Some(2);
         info.sampler = "DPM++ 2M".into();
         info.schedule_type = Some("Karras".into());
+        info.quantization = Some("q8_0".into());
         let text = info.to_infotext();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "a red apple");
@@ -153,7 +160,8 @@ mod tests {
         assert!(lines[2].contains("Model: \"org/model:v1\""), "{text}");
         assert!(
             lines[2].contains(
-                "Denoising strength: 0.75, Clip skip: 2, Guidance rescale: 0.7, Eta DDIM: 0.5"
+                "Denoising strength: 0.75, Clip skip: 2, Guidance rescale: 0.7, Eta DDIM: 0.5, \
+                 Quantization: q8_0, RNG: CPU"
             ),
             "{text}"
         );

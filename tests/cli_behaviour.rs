@@ -239,6 +239,21 @@ fn existing_outputs_are_kept_unless_overwrite() {
         &["already exists", "--overwrite"],
     );
     assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
+    // Checked before the model loads (which takes a while for a real model): an empty folder
+    // as the model still fails on the output.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    assert_clean_error(
+        &ldm(&[
+            "txt2img",
+            "a red apple",
+            "--model",
+            empty.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ]),
+        &["already exists"],
+    );
     let output = run(&quick(&[
         "--seed",
         "1",

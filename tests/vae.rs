@@ -488,7 +488,8 @@ fn decoder_only_vae_decodes_the_same_and_refuses_to_encode() {
     use ldm::pipelines::{StableDiffusion, VaeParts};
     let folder = PipelineFolder::new(&fixture("tiny-sd1"), "tiny-sd1");
     let load = |parts| {
-        StableDiffusion::load_with_loras(&folder, &Device::Cpu, DType::F32, &[], parts).unwrap()
+        StableDiffusion::load_with_loras(&folder, &Device::Cpu, DType::F32, None, &[], parts)
+            .unwrap()
     };
     let (whole, decoder) = (
         load(VaeParts::EncoderAndDecoder),

@@ -2,7 +2,7 @@
 //! `generate_args`), output naming and progress.
 
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -38,18 +38,13 @@ fn steps_bar(quiet: bool, len: u64) -> ProgressBar {
 }
 
 pub fn txt2img(args: Txt2ImgArgs) -> anyhow::Result<()> {
-    // A prompt file's lines may name source images.
-    let vae_parts = if args.batch.from_file.is_some() {
-        VaeParts::EncoderAndDecoder
-    } else {
-        VaeParts::DecoderOnly
-    };
     let loras = args.model.lora.for_prompt(&args.prompt.text())?;
-    let pipeline = args.model.load(&loras, vae_parts)?;
-    let (width, height) = pipeline.default_size();
-    let guidance = pipeline.default_guidance_scale();
-    let sampling = args.sampling.sampling(width, height, guidance, 1.0);
     if let Some(file) = &args.batch.from_file {
+        // A prompt file's lines may name source images.
+        let pipeline = args.model.load(&loras, VaeParts::EncoderAndDecoder)?;
+        let (width, height) = pipeline.default_size();
+        let guidance = pipeline.default_guidance_scale();
+        let sampling = args.sampling.sampling(width, height, guidance, 1.0);
         let source = SourceArgs {
             image: None,
             mask: None,
@@ -69,13 +64,18 @@ pub fn txt2img(args: Txt2ImgArgs) -> anyhow::Result<()> {
             &source,
         );
     }
+    let outputs = Outputs::plan(&args.sampling, &args.output)?;
+    let pipeline = args.model.load(&loras, VaeParts::DecoderOnly)?;
+    let (width, height) = pipeline.default_size();
+    let guidance = pipeline.default_guidance_scale();
+    let sampling = args.sampling.sampling(width, height, guidance, 1.0);
     run(
         &pipeline,
         &sampling,
         &args.prompt,
         &args.sampling,
         None,
-        &args.output,
+        &outputs,
         args.batch.run.batch_size,
     )
 }
@@ -128,11 +128,9 @@ fn edit(
     output: &OutputArgs,
     source: &SourceArgs,
 ) -> anyhow::Result<()> {
-    let pipeline = model.load(
-        &model.lora.for_prompt(&prompt.text())?,
-        VaeParts::EncoderAndDecoder,
-    )?;
+    let loras = model.lora.for_prompt(&prompt.text())?;
     if let Some(file) = &batch_args.from_file {
+        let pipeline = model.load(&loras, VaeParts::EncoderAndDecoder)?;
         let (width, height) = pipeline.default_size();
         let guidance = pipeline.default_guidance_scale();
         let sampling = args.sampling(width, height, guidance, source.strength);
@@ -143,11 +141,14 @@ fn edit(
         };
         return batch(&pipeline, model, &run, args, &sampling, source);
     }
+    // Unreadable inputs and unwritable outputs fail before the model loads.
     let image = crate::image_io::load_rgb(source.image.context("--image is required")?)?;
+    let mask = source.mask.map(crate::image_io::load_rgb).transpose()?;
+    let outputs = Outputs::plan(args, output)?;
+    let pipeline = model.load(&loras, VaeParts::EncoderAndDecoder)?;
     let (width, height) = source_size(&pipeline, &image, args);
-    let mask = match source.mask {
-        Some(path) => {
-            let mask = crate::image_io::load_rgb(path)?;
+    let mask = match mask {
+        Some(mask) => {
             if mask.dimensions() != image.dimensions() {
                 eprintln!(
                     "note: the mask is {}x{} and the image {}x{}; the mask is resized to the image",
@@ -173,7 +174,7 @@ fn edit(
         prompt,
         args,
         Some(source_image),
-        output,
+        &outputs,
         batch_args.run.batch_size,
     )
 }
@@ -318,6 +319,25 @@ fn source_size(
     (args.width.unwrap_or(width), args.height.unwrap_or(height))
 }
 
+/// One command's seeds and the files its images and latents go to, checked writable.
+struct Outputs<'a> {
+    seeds: Vec<u64>,
+    paths: Vec<PathBuf>,
+    args: &'a OutputArgs,
+}
+
+impl<'a> Outputs<'a> {
+    fn plan(sampling: &SamplingArgs, args: &'a OutputArgs) -> anyhow::Result<Self> {
+        if sampling.num_images == 0 {
+            bail!("--num-images must be at least 1");
+        }
+        let seeds = sampling.seeds();
+        let paths = args.image_paths(&seeds);
+        args.check_writable(&paths)?;
+        Ok(Self { seeds, paths, args })
+    }
+}
+
 /// Runs one command's images, `batch_size` per forward pass, writing each batch's images as it
 /// finishes (and all latents at the end).
 fn run(
@@ -326,20 +346,17 @@ fn run(
     prompt: &PromptArgs,
     args: &SamplingArgs,
     source: Option<SourceImage>,
-    output: &OutputArgs,
+    outputs: &Outputs,
     batch_size: usize,
 ) -> anyhow::Result<()> {
-    if args.num_images == 0 {
-        bail!("--num-images must be at least 1");
-    }
     if batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
     let prompt = prompt.text();
-    let jobs: Vec<ImageJob> = args
-        .seeds()
-        .into_iter()
-        .map(|seed| ImageJob {
+    let jobs: Vec<ImageJob> = outputs
+        .seeds
+        .iter()
+        .map(|&seed| ImageJob {
             prompt: prompt.clone(),
             negative_prompt: args.negative_prompt.clone(),
             seed,
@@ -347,9 +364,7 @@ fn run(
         })
         .collect();
     pipeline.validate(sampling, &jobs)?;
-    let seeds: Vec<u64> = jobs.iter().map(|j| j.seed).collect();
-    let paths = output.image_paths(&seeds);
-    output.check_writable(&paths)?;
+    let (output, paths) = (outputs.args, &outputs.paths);
     let options = args.conditioning.options();
     let batches = jobs.len().div_ceil(batch_size);
     let bar = steps_bar(output.quiet, 0);

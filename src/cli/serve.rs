@@ -48,6 +48,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         models_dir: args.models_dir,
         device,
         dtype,
+        quantization: args.model.quantize,
         host: args.host,
         port: args.port,
         api_key: args.api_key,

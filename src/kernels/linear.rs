@@ -19,6 +19,12 @@ use super::{channel_values, contiguous_f32, read_f32, sum_partials, ROW_CHUNKS};
 /// activations of one layer give every thread work.
 const ROW_BLOCK: usize = 256;
 
+/// Whether bf16 layers on the CPU multiply in one op (AVX-512-BF16, f32 sums, one rounding of
+/// the output); elsewhere candle's product is rounded to bf16 before the bias is added.
+pub fn multiplies_bf16_in_one_op() -> bool {
+    gemm_bf16::available()
+}
+
 /// `xs · weightᵀ (+ bias)` for `xs: [..., in]`, `weight: [out, in]`, `bias: [out]`.
 pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let on_cpu_as = |t: &Tensor, dtype: DType| t.device().is_cpu() && t.dtype() == dtype;

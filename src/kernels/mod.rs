@@ -20,6 +20,7 @@ pub mod group_norm;
 pub mod layer_norm;
 pub mod linear;
 pub mod optimizer;
+pub mod q8_0;
 mod simd;
 pub mod softmax;
 mod winograd;

@@ -37,6 +37,7 @@ macro_rules! multiversion {
         }
     };
 }
+pub(super) use multiversion;
 
 use super::activation::Activation;
 

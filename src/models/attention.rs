@@ -89,6 +89,6 @@ fn projection(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Resu
             return Err(linear_err);
         };
         let bias = bias.then(|| vb.get(out_dim, "bias")).transpose()?;
-        Ok(Linear::new(conv_weight.reshape((out_dim, in_dim))?, bias))
+        Linear::new(conv_weight.reshape((out_dim, in_dim))?, bias)
     })
 }

@@ -3,10 +3,14 @@
 //! Every layer has a backward pass: the norms, attention and GEGLU run on ldm's fused
 //! `kernels` (candle-nn's fused LayerNorm and softmax have no gradients).
 
+use std::cell::Cell;
+use std::sync::Arc;
+
 use candle_core::{bail, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::kernels;
+use crate::kernels::q8_0::{linear_q8, Q8Matrix};
 pub use crate::kernels::{internal_dtype, Activation};
 
 /// Layer normalisation over the last dimension, computed in f32 for half-precision inputs.
@@ -57,28 +61,78 @@ impl Module for GroupNorm {
     }
 }
 
-pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    let linear = candle_nn::linear_b(in_dim, out_dim, bias, vb)?;
-    Ok(Linear::new(linear.weight().clone(), linear.bias().cloned()))
+/// How linear layers built inside [`with_quantization`] store their weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Quantization {
+    /// ggml's q8_0: 8-bit values in blocks of 32 sharing an f16 scale (CPU only).
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
-/// `xs · weightᵀ + bias` over the last dimension, as one op (`kernels::linear`).
+impl Quantization {
+    /// The name the command line and the PNG record use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Q8_0 => "q8_0",
+        }
+    }
+}
+
+thread_local! {
+    static QUANTIZATION: Cell<Option<Quantization>> = const { Cell::new(None) };
+}
+
+/// Builds a model whose linear layers store their weights as `quantization` says (where a
+/// layer's rows are whole blocks; the others keep their dtype). Inference only.
+pub fn with_quantization<R>(quantization: Option<Quantization>, build: impl FnOnce() -> R) -> R {
+    let outer = QUANTIZATION.replace(quantization);
+    let built = build();
+    QUANTIZATION.set(outer);
+    built
+}
+
+pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    let linear = candle_nn::linear_b(in_dim, out_dim, bias, vb)?;
+    Linear::new(linear.weight().clone(), linear.bias().cloned())
+}
+
+/// `xs · weightᵀ + bias` over the last dimension, as one op (`kernels::linear`), or with an
+/// 8-bit weight (`kernels::q8_0`).
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
 }
 
+#[derive(Debug, Clone)]
+enum LinearWeight {
+    Dense(Tensor),
+    Q8_0(Arc<Q8Matrix>),
+}
+
 impl Linear {
-    /// `weight`: `[out, in]`, `bias`: `[out]`.
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+    /// `weight`: `[out, in]`, `bias`: `[out]`; quantized inside [`with_quantization`].
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (_, in_dim) = weight.dims2()?;
+        let weight = match QUANTIZATION.get() {
+            Some(Quantization::Q8_0) if Q8Matrix::fits(in_dim) => {
+                if !weight.device().is_cpu() {
+                    bail!("q8_0 weights run on the CPU only");
+                }
+                LinearWeight::Q8_0(Arc::new(Q8Matrix::quantize(&weight)?))
+            }
+            _ => LinearWeight::Dense(weight),
+        };
+        Ok(Self { weight, bias })
     }
 }
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        kernels::linear(xs, &self.weight, self.bias.as_ref())
+        match &self.weight {
+            LinearWeight::Dense(weight) => kernels::linear(xs, weight, self.bias.as_ref()),
+            LinearWeight::Q8_0(weight) => linear_q8(xs, weight, self.bias.as_ref()),
+        }
     }
 }
 

@@ -439,6 +439,7 @@ impl StableDiffusion {
             eta: (sampling.sampler == SamplerKind::Ddim).then_some(sampling.eta),
             denoising_strength: job.source.as_ref().map(|_| sampling.strength),
             clip_skip: (prompts.clip_skip > 1).then_some(prompts.clip_skip),
+            quantization: self.quantization.map(|q| q.name().to_string()),
         }
     }
 }

@@ -26,6 +26,7 @@ use crate::conditioning::{
 use crate::lora::{LoraFile, LoraSpec};
 use crate::model_source::{PipelineFolder, Recommended};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
+use crate::models::nn::{with_quantization, Quantization};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::schedulers::SchedulerConfig;
@@ -57,6 +58,8 @@ pub struct StableDiffusion {
     pub model_name: String,
     pub device: Device,
     pub dtype: DType,
+    /// How the U-Net's and text encoders' linear weights are stored (`--quantize`).
+    pub quantization: Option<Quantization>,
     /// The VAE's precision: f32 when the model runs in f16 and the VAE config asks for
     /// `force_upcast` (SDXL's VAE overflows in f16), as diffusers decodes.
     vae_dtype: DType,
@@ -76,15 +79,24 @@ pub enum VaeParts {
 
 impl StableDiffusion {
     pub fn load(folder: &PipelineFolder, device: &Device, dtype: DType) -> anyhow::Result<Self> {
-        Self::load_with_loras(folder, device, dtype, &[], VaeParts::EncoderAndDecoder)
+        Self::load_with_loras(
+            folder,
+            device,
+            dtype,
+            None,
+            &[],
+            VaeParts::EncoderAndDecoder,
+        )
     }
 
     /// Loads the pipeline with `loras` merged into its U-Net and (first) text encoder weights,
-    /// and the parts of the VAE that the run needs.
+    /// those two with linear weights stored as `quantization` says (the VAE as it is), and the
+    /// parts of the VAE that the run needs.
     pub fn load_with_loras(
         folder: &PipelineFolder,
         device: &Device,
         dtype: DType,
+        quantization: Option<Quantization>,
         loras: &[LoraSpec],
         vae_parts: VaeParts,
     ) -> anyhow::Result<Self> {
@@ -116,7 +128,9 @@ impl StableDiffusion {
             .text_encoders()
             .iter()
             .map(|(encoder, tokenizer)| {
-                load_text_encoder(folder, &weights, encoder, tokenizer, &loras, dtype, device)
+                with_quantization(quantization, || {
+                    load_text_encoder(folder, &weights, encoder, tokenizer, &loras, dtype, device)
+                })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
 
@@ -141,7 +155,7 @@ impl StableDiffusion {
         }
         let part = Part::Unet(&unet_config);
         let vb = weights.var_builder(part, &loras, |_| true, dtype, device)?;
-        let unet = UNet2DConditionModel::new(vb, &unet_config)
+        let unet = with_quantization(quantization, || UNet2DConditionModel::new(vb, &unet_config))
             .with_context(|| component_error(&weights, part))?;
         anyhow::ensure!(
             unet_config.has_text_time() == (text_encoders.len() == 2),
@@ -190,6 +204,7 @@ impl StableDiffusion {
             model_name: folder.name.clone(),
             device: device.clone(),
             dtype,
+            quantization,
             vae_dtype,
             recommended: index.recommended,
         })

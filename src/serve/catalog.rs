@@ -8,6 +8,7 @@ use candle_core::{DType, Device};
 
 use crate::lora::LoraSpec;
 use crate::model_source::{ModelOptions, PipelineFolder};
+use crate::models::nn::Quantization;
 use crate::pipelines::{StableDiffusion, VaeParts};
 
 /// Every model a server may load, and how to load one.
@@ -15,6 +16,7 @@ pub struct Catalog {
     folders: Vec<PipelineFolder>,
     device: Device,
     dtype: DType,
+    quantization: Option<Quantization>,
     /// Merged into every model loaded (`--lora`).
     loras: Vec<LoraSpec>,
 }
@@ -28,6 +30,7 @@ impl Catalog {
         models_dir: Option<&Path>,
         device: Device,
         dtype: DType,
+        quantization: Option<Quantization>,
         loras: Vec<LoraSpec>,
     ) -> anyhow::Result<Self> {
         let half = dtype != DType::F32;
@@ -62,6 +65,7 @@ impl Catalog {
             folders,
             device,
             dtype,
+            quantization,
             loras,
         })
     }
@@ -93,6 +97,7 @@ impl Catalog {
             folder,
             &self.device,
             self.dtype,
+            self.quantization,
             &self.loras,
             VaeParts::EncoderAndDecoder,
         )

@@ -51,6 +51,8 @@ pub struct ServeConfig {
     pub models_dir: Option<PathBuf>,
     pub device: Device,
     pub dtype: DType,
+    /// How the U-Net's and text encoders' linear weights are stored (`--quantize`).
+    pub quantization: Option<crate::models::nn::Quantization>,
     pub host: IpAddr,
     /// 0 picks a free port.
     pub port: u16,
@@ -163,6 +165,7 @@ fn prepare(config: &ServeConfig) -> anyhow::Result<(Arc<AppState>, std::net::Tcp
         config.models_dir.as_deref(),
         config.device.clone(),
         config.dtype,
+        config.quantization,
         config.loras.clone(),
     )?);
     let (queue, tasks) = Queue::new(config.max_queue);

@@ -25,6 +25,7 @@ pub fn config() -> ServeConfig {
         models_dir: None,
         device: Device::Cpu,
         dtype: DType::F32,
+        quantization: None,
         host: IpAddr::V4(Ipv4Addr::LOCALHOST),
         port: 0,
         api_key: None,
