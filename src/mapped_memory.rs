@@ -12,8 +12,10 @@
 //! mapping is made and weights are read as before: [`MappedFile::map`] returns `None`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 /// The global allocator that lets [`MappedFile`] hand out `Vec`s over mapped pages; every other
 /// allocation goes to the system allocator unchanged. Install it in the binary:
@@ -81,6 +83,31 @@ impl Region {
     }
 }
 
+/// Returns the pages that lie wholly inside a freed buffer to the system, so that a weight
+/// replaced at load (quantized, converted, merged with a LoRA) stops counting in the
+/// process's memory while the rest of its file stays mapped. [`MappedFile::vec`] never hands
+/// out a byte twice, so those pages belonged to this buffer alone; the pages at its ends may
+/// hold a neighbour's bytes and are kept.
+fn discard_pages(ptr: *mut u8, size: usize) {
+    static PAGE: AtomicUsize = AtomicUsize::new(0);
+    let mut page = PAGE.load(Ordering::Relaxed);
+    if page == 0 {
+        // SAFETY: sysconf only reads a system constant.
+        page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(0);
+        if page == 0 {
+            return;
+        }
+        PAGE.store(page, Ordering::Relaxed);
+    }
+    let start = (ptr as usize).next_multiple_of(page);
+    let end = (ptr as usize + size) / page * page;
+    if end > start {
+        // SAFETY: whole pages of a private mapping that only the freed buffer used; the
+        // mapping stays valid (discarded pages read back from the file).
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+    }
+}
+
 /// Records that [`MappingAwareAllocator`] serves this program (a load, and a store only once).
 #[inline(always)]
 fn mark_installed() {
@@ -104,7 +131,10 @@ unsafe impl GlobalAlloc for MappingAwareAllocator {
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         match region_of(ptr) {
-            Some(region) => region.release(),
+            Some(region) => {
+                discard_pages(ptr, layout.size());
+                region.release()
+            }
             None => System.dealloc(ptr, layout),
         }
     }
@@ -117,6 +147,7 @@ unsafe impl GlobalAlloc for MappingAwareAllocator {
         let new = System.alloc(Layout::from_size_align_unchecked(new_size, layout.align()));
         if !new.is_null() {
             std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+            discard_pages(ptr, layout.size());
             region.release();
         }
         new
@@ -127,6 +158,10 @@ unsafe impl GlobalAlloc for MappingAwareAllocator {
 /// the file is never modified), handing out typed buffers over its pages.
 pub struct MappedFile {
     region: &'static Region,
+    /// The byte ranges handed out (start → end): each byte goes to one buffer only, so a buffer
+    /// written in place (a trained weight) is never seen through another, and freeing one can
+    /// discard its pages.
+    handed_out: Mutex<BTreeMap<usize, usize>>,
 }
 
 impl MappedFile {
@@ -165,11 +200,15 @@ impl MappedFile {
         region.holders.store(1, Ordering::Release);
         MAPPED_COUNT.fetch_add(1, Ordering::AcqRel);
         region.start.store(start as usize, Ordering::Release);
-        Some(Self { region })
+        Some(Self {
+            region,
+            handed_out: Mutex::default(),
+        })
     }
 
     /// `count` values of `T` at byte `offset` of the file, as a `Vec` over the mapped pages, or
-    /// `None` when they do not lie inside the file or are misaligned for `T`.
+    /// `None` when they do not lie inside the file, are misaligned for `T` or overlap bytes
+    /// already handed out (the caller then reads its own copy).
     ///
     /// `T` must be plain old data (floats, integers: every bit pattern valid) and little-endian
     /// like the file.
@@ -184,12 +223,29 @@ impl MappedFile {
         {
             return None;
         }
+        if !self.claim(offset, end) {
+            return None;
+        }
         self.region.holders.fetch_add(1, Ordering::AcqRel);
         // SAFETY: the range lies inside the mapping, aligned for T, and stays mapped while this
         // buffer holds the region; freeing it goes through `MappingAwareAllocator::dealloc`,
         // which releases the region instead of calling the system allocator (the global
         // allocator is that allocator: `map` checked it).
         Some(unsafe { Vec::from_raw_parts(address as *mut T, count, count) })
+    }
+
+    /// Records `[start, end)` as handed out, unless it overlaps a range that already was.
+    fn claim(&self, start: usize, end: usize) -> bool {
+        let mut handed_out = self
+            .handed_out
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before_end = handed_out.range(..end).next_back();
+        if before_end.is_some_and(|(_, &prior_end)| prior_end > start) {
+            return false;
+        }
+        handed_out.insert(start, end);
+        true
     }
 }
 

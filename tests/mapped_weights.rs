@@ -71,6 +71,10 @@ fn weights_are_mapped_copy_on_write_and_unmapped_with_their_last_tensor() {
     let file = std::fs::File::open(&path).unwrap();
     let mapped = MappedFile::map(&file, file_bytes.len()).unwrap();
     let mut bytes: Vec<u8> = mapped.vec(0, 16).unwrap();
+    assert!(
+        mapped.vec::<u8>(8, 16).is_none(),
+        "bytes already handed out are not handed out again"
+    );
     assert!(mapped.vec::<u32>(1, 1).is_none(), "misaligned");
     assert!(
         mapped.vec::<u8>(file_bytes.len() - 1, 2).is_none(),
@@ -82,4 +86,59 @@ fn weights_are_mapped_copy_on_write_and_unmapped_with_their_last_tensor() {
     assert_eq!(mapped_file_count(), 0);
     assert_eq!(&bytes[..16], &file_bytes[..16]);
     assert_eq!(bytes.len(), 16 + 4096);
+
+    pages_of_a_freed_tensor_leave_the_process(dir.path());
+}
+
+/// A weight freed while its file stays mapped (replaced by a quantized copy at load) stops
+/// counting in the process's resident memory; one loaded twice is a copy the second time.
+fn pages_of_a_freed_tensor_leave_the_process(dir: &std::path::Path) {
+    const MIB: usize = 1 << 20;
+    let path = dir.join("large.safetensors");
+    let device = Device::Cpu;
+    let large = Tensor::ones(32 * MIB / 4, DType::F32, &device).unwrap();
+    let small = Tensor::ones(16, DType::F32, &device).unwrap();
+    let tensors = HashMap::from([("large".to_string(), large), ("small".to_string(), small)]);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+
+    let file = WeightsFile::open(&path).unwrap();
+    let small = file.load("small", &device).unwrap();
+    let large = file.load("large", &device).unwrap();
+    let again = file.load("large", &device).unwrap();
+    drop(file);
+    let sum = |t: &Tensor| t.sum_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(sum(&large), (8 * MIB) as f32);
+    let mapped_resident = resident_file_bytes();
+    assert!(mapped_resident >= 32 * MIB, "{mapped_resident} bytes");
+    // The second load of a tensor is its own heap copy: writing it leaves the first unchanged.
+    again
+        .slice_set(&Tensor::zeros(4, DType::F32, &device).unwrap(), 0, 0)
+        .unwrap();
+    assert_eq!(sum(&large), (8 * MIB) as f32);
+
+    drop(large);
+    assert_eq!(
+        mapped_file_count(),
+        1,
+        "the small tensor keeps the file mapped"
+    );
+    let after = resident_file_bytes();
+    assert!(
+        mapped_resident - after >= 31 * MIB,
+        "file pages resident before {mapped_resident}, after {after}"
+    );
+    assert_eq!(sum(&small), 16.0);
+    drop(small);
+    assert_eq!(mapped_file_count(), 0);
+}
+
+/// The bytes of mapped files resident in this process (`RssFile` in /proc/self/status).
+fn resident_file_bytes() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("RssFile:"))
+        .unwrap();
+    let kib: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
 }
