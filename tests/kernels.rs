@@ -367,8 +367,9 @@ fn conv2d_matches_candle_forward_and_backward() {
     // (batch, c_in, c_out, kernel, stride, padding, h, w): SD's 3×3 same convs, the strided
     // downsampler with and without padding, 1×1 projections, an odd batch (the backward pass
     // works in chunks of two images) and images narrower than a tile or many tiles tall; the
-    // last two take the Winograd path for 3×3 same convolutions (≥ 16 channels each way,
-    // ≥ 1024 pixels per image), odd sizes included; one thread and two.
+    // last four take the Winograd path for 3×3 same convolutions (≥ 16 channels each way),
+    // F(2×2, 3×3) from 1024 pixels per image and F(4×4, 3×3) from 4096, odd sizes included;
+    // one thread and two.
     let cases = [
         (2, 3, 4, 3, 1, 1, 7, 8),
         (3, 5, 6, 1, 1, 0, 5, 6),
@@ -378,6 +379,8 @@ fn conv2d_matches_candle_forward_and_backward() {
         (2, 64, 32, 3, 1, 1, 6, 6),
         (1, 16, 24, 3, 1, 1, 33, 33),
         (3, 20, 16, 3, 1, 1, 31, 35),
+        (1, 16, 20, 3, 1, 1, 65, 67),
+        (2, 24, 16, 3, 1, 1, 64, 64),
     ];
     let pools = [1, 2].map(|threads| {
         rayon::ThreadPoolBuilder::new()
@@ -400,7 +403,10 @@ fn conv2d_matches_candle_forward_and_backward() {
                 f(&t[0], &t[1], &t[2], stride, pad)
             })
         });
-        assert!(out_err < 1e-5, "case {i}: forward error {out_err}");
+        // F(4×4, 3×3) scales values by up to 8 and 1/8 on the way: its f32 rounding is several
+        // times F(2×2)'s (measured 1.5e-5 and 1.8e-5 here, on outputs of up to about ±10).
+        let tolerance = if h * w >= 4096 { 3e-5 } else { 1e-5 };
+        assert!(out_err < tolerance, "case {i}: forward error {out_err}");
         assert!(grad_err < 1e-5, "case {i}: gradient error {grad_err}");
     }
 }

@@ -1,0 +1,271 @@
+//! The forward pass of 3×3, stride-1, padding-1 convolutions by Winograd's minimal filtering
+//! F(m×m, 3×3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016).
+//!
+//! Each m×m block of output pixels is computed from an n×n input patch (n = m + 2) with n²
+//! products per (input, output) channel pair instead of 9m²: the patch and the kernel are
+//! transformed (`V = Bᵀ d B`, `U = G g Gᵀ`), multiplied elementwise over the n² positions —
+//! which across channels is n² matrix products `M_ξ = U_ξ · V_ξ` — and transformed back
+//! (`Y = Aᵀ M A`). F(2×2, 3×3) saves 2.25× of the multiplications, F(4×4, 3×3) 4×, but its
+//! transformed kernels are 36 values per channel pair, written on every call: it pays only over
+//! larger images. These are most of the convolutions of SD's U-Net and VAE. In training, the
+//! input gradient is such a convolution too (of the output gradient, with the kernel flipped
+//! and transposed) and takes the same path; the kernel gradient keeps the im2col products.
+
+use rayon::prelude::*;
+
+use super::gemm::{matmul_raw, Matrix};
+use super::with_scratch;
+
+mod transforms;
+
+use transforms::{Strided, Transforms, F2_TRANSFORMS, F4_TRANSFORMS};
+
+/// Output pixels per image below which the kernel transform costs more than it saves
+/// (measured on SD 1.5's U-Net: its 8×8 and 4×4 levels with 1,280 channels lose).
+const MIN_PIXELS: usize = 1024;
+/// Output pixels per image from which F(4×4, 3×3) beats F(2×2, 3×3) (measured on SD 1.5's
+/// convolutions, one thread: at 32 × 32, 64 tiles per image, its 36 short products per work
+/// item lost; from 64 × 64 it won by 1.0-1.3×).
+const F4_MIN_PIXELS: usize = 4096;
+/// Tiles per work item (whole rows of tiles): enough columns for an efficient product.
+const TILES_PER_ITEM: usize = 64;
+
+/// The sizes of one convolution this path handles: output size = input size.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Winograd {
+    pub batch: usize,
+    pub c_in: usize,
+    pub c_out: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl Winograd {
+    /// Only where the saving is not eaten by the transforms: of the kernel (per call,
+    /// `n²·c_out·c_in` values, worth it only over enough output pixels) or of the tiles (few
+    /// channels). The choice depends on one image's size, never on the batch or the threads,
+    /// so that an image comes out the same whatever else is in its batch.
+    pub fn worthwhile(&self) -> bool {
+        self.h * self.w >= MIN_PIXELS && self.c_in >= 16 && self.c_out >= 16
+    }
+
+    /// The algorithm for this image size (never the batch or the threads).
+    fn scheme(&self) -> &'static Transforms {
+        if self.h * self.w >= F4_MIN_PIXELS {
+            &F4_TRANSFORMS
+        } else {
+            &F2_TRANSFORMS
+        }
+    }
+
+    fn tile_rows(&self) -> usize {
+        self.h.div_ceil(self.scheme().m)
+    }
+
+    fn tile_cols(&self) -> usize {
+        self.w.div_ceil(self.scheme().m)
+    }
+
+    /// Work items `(image, first tile row, tile rows)`.
+    fn items(&self) -> Vec<(usize, usize, usize)> {
+        let per_item = (TILES_PER_ITEM / self.tile_cols()).clamp(1, self.tile_rows());
+        let tile_rows = self.tile_rows();
+        (0..self.batch)
+            .flat_map(|b| {
+                (0..tile_rows)
+                    .step_by(per_item)
+                    .map(move |row| (b, row, per_item.min(tile_rows - row)))
+            })
+            .collect()
+    }
+
+    /// `out` `[batch, c_out, h, w]` = conv3×3(`xs` `[batch, c_in, h, w]`, `weight`
+    /// `[c_out, c_in, 3, 3]`) + `bias`.
+    pub fn forward(&self, xs: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32]) {
+        let kernels = self.transformed_kernels(weight);
+        let plane = self.h * self.w;
+        let (image_len, out_len) = (self.c_in * plane, self.c_out * plane);
+        assert_eq!(out.len(), self.batch * out_len, "output size");
+        let shared = super::gemm::SharedOut(out.as_mut_ptr());
+        let shared = &shared;
+        let items = self.items();
+        // Few items (small images) leave threads idle: let gemm split each product instead.
+        let threads = rayon::current_num_threads();
+        let gemm_threads = if items.len() < 2 * threads {
+            threads
+        } else {
+            1
+        };
+        let run = |&(b, first, rows): &(usize, usize, usize)| {
+            let image = &xs[b * image_len..(b + 1) * image_len];
+            // SAFETY: image b's output lies inside `out`, and the items own disjoint tile rows.
+            unsafe {
+                self.band(
+                    image,
+                    &kernels,
+                    bias,
+                    (first, rows),
+                    shared.0.add(b * out_len),
+                    gemm_threads,
+                )
+            };
+        };
+        if gemm_threads > 1 {
+            items.iter().for_each(run);
+        } else {
+            items.par_iter().for_each(run);
+        }
+    }
+
+    /// The input gradient `dx` `[batch, c_in, h, w]` of this convolution from the output
+    /// gradient `grad` `[batch, c_out, h, w]`: itself a 3×3 same convolution, of `grad` with
+    /// the kernel flipped in space and its channel roles swapped, so the same path computes it.
+    pub fn input_gradient(&self, grad: &[f32], weight: &[f32], dx: &mut [f32]) {
+        let mut flipped = vec![0f32; weight.len()];
+        for (o, kernels) in weight.chunks_exact(9 * self.c_in).enumerate() {
+            for (i, g) in kernels.chunks_exact(9).enumerate() {
+                let at = (i * self.c_out + o) * 9;
+                for (t, &value) in g.iter().enumerate() {
+                    flipped[at + 8 - t] = value;
+                }
+            }
+        }
+        let transposed = Self {
+            c_in: self.c_out,
+            c_out: self.c_in,
+            ..*self
+        };
+        transposed.forward(grad, &flipped, &vec![0.0; self.c_in], dx);
+    }
+
+    /// `U_ξ` for every output channel: `[c_out, n², c_in]`, so that `U_ξ` is the
+    /// `[c_out, c_in]` matrix at offset `ξ·c_in` with rows `n²·c_in` apart.
+    fn transformed_kernels(&self, weight: &[f32]) -> Vec<f32> {
+        let scheme = self.scheme();
+        let positions = scheme.positions();
+        let mut u = vec![0f32; self.c_out * positions * self.c_in];
+        let temp_len = (9 + 3 * scheme.n()) * self.c_in;
+        u.par_chunks_exact_mut(positions * self.c_in)
+            .zip(weight.par_chunks_exact(9 * self.c_in))
+            .for_each_init(
+                || vec![0f32; temp_len],
+                |temp, (u, kernels)| (scheme.kernel)(kernels, temp, u),
+            );
+        u
+    }
+
+    /// Output rows `m·first .. m·(first + rows)` of one image, whose `[c_out, h, w]` output
+    /// starts at `out`, the products on `gemm_threads` threads.
+    ///
+    /// # Safety
+    /// `out` must be valid for `c_out·h·w` writes, and no other thread may touch those rows of
+    /// any channel during the call.
+    unsafe fn band(
+        &self,
+        image: &[f32],
+        kernels: &[f32],
+        bias: &[f32],
+        (first, rows): (usize, usize),
+        out: *mut f32,
+        gemm_threads: usize,
+    ) {
+        let scheme = self.scheme();
+        let (m_px, positions) = (scheme.m, scheme.positions());
+        let tw = self.tile_cols();
+        let tiles = rows * tw;
+        let (pad_h, phase_len) = (m_px * rows + 2, tw + 1);
+        let split_len = self.c_in * pad_h * m_px * phase_len;
+        let (v_len, m_len) = (
+            positions * self.c_in * tiles,
+            positions * self.c_out * tiles,
+        );
+        let temp_len = (scheme.n() + 1) * m_px * phase_len;
+        with_scratch(split_len + v_len + m_len + temp_len, |scratch| {
+            let (split, rest) = scratch.split_at_mut(split_len);
+            let (v, rest) = rest.split_at_mut(v_len);
+            let (m, temp) = rest.split_at_mut(m_len);
+            self.split_band(image, first, pad_h, phase_len, split);
+            let rows_len = scheme.n() * m_px * phase_len;
+            for c in 0..self.c_in {
+                for ty in 0..rows {
+                    // Rows m·ty .. m·ty + n of the band, as m phases of columns.
+                    let start = (c * pad_h + m_px * ty) * m_px * phase_len;
+                    let positions = Strided {
+                        at: c * tiles + ty * tw,
+                        stride: self.c_in * tiles,
+                    };
+                    let rows = &split[start..start + rows_len];
+                    (scheme.input)(rows, temp, v, positions);
+                }
+            }
+            let row_stride = positions * self.c_in;
+            for xi in 0..positions {
+                let u = Matrix::rows(
+                    &kernels[xi * self.c_in..],
+                    self.c_out,
+                    self.c_in,
+                    row_stride,
+                );
+                let vx = Matrix::rows(&v[xi * self.c_in * tiles..], self.c_in, tiles, tiles);
+                let mx = &mut m[xi * self.c_out * tiles..(xi + 1) * self.c_out * tiles];
+                // SAFETY: `mx` holds the `c_out × tiles` product.
+                unsafe { matmul_raw(mx.as_mut_ptr(), tiles, u, vx, 1.0, false, gemm_threads) };
+            }
+            let plane = self.h * self.w;
+            for (k, &b) in bias.iter().enumerate() {
+                for ty in 0..rows {
+                    let positions = Strided {
+                        at: k * tiles + ty * tw,
+                        stride: self.c_out * tiles,
+                    };
+                    let y = m_px * (first + ty);
+                    let out_rows = (self.h - y).min(m_px);
+                    // SAFETY: rows y .. y + out_rows (within the image) of channel k are this
+                    // band's (caller's contract).
+                    let block = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            out.add(k * plane + y * self.w),
+                            out_rows * self.w,
+                        )
+                    };
+                    (scheme.output)(m, positions, b, temp, block, self.w);
+                }
+            }
+        });
+    }
+
+    /// The input rows the band's tiles read (`m·first - 1 ..`, with the zero border), split
+    /// into the m phases of their columns: `[c_in, pad_h, m, phase_len]`, so that every
+    /// position of every tile of a row is a contiguous run.
+    fn split_band(
+        &self,
+        image: &[f32],
+        first: usize,
+        pad_h: usize,
+        phase_len: usize,
+        out: &mut [f32],
+    ) {
+        out.fill(0.0);
+        let plane = self.h * self.w;
+        let m = self.scheme().m;
+        for (c, channel) in out.chunks_exact_mut(pad_h * m * phase_len).enumerate() {
+            for (r, phases) in channel.chunks_exact_mut(m * phase_len).enumerate() {
+                let Some(y) = (m * first + r).checked_sub(1).filter(|&y| y < self.h) else {
+                    continue;
+                };
+                let src = &image[c * plane + y * self.w..c * plane + (y + 1) * self.w];
+                // Padded column x + 1 holds input column x.
+                for (phase, dst) in phases.chunks_exact_mut(phase_len).enumerate() {
+                    let skip = (phase + m - 1) % m;
+                    let start = usize::from(phase == 0);
+                    for (d, &x) in dst[start..]
+                        .iter_mut()
+                        .zip(src.iter().skip(skip).step_by(m))
+                    {
+                        *d = x;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,398 @@
+//! The transforms of Winograd's F(2×2, 3×3) and F(4×4, 3×3): `V = Bᵀ d B` of the input
+//! tiles, `U = G g Gᵀ` of the kernels and `Y = Aᵀ M A` back to output pixels, each applied to
+//! a whole row of tiles at once (one value per tile in every slice, so that vector lanes run
+//! across tiles). The matrices are constants, so the compiler folds their zeros and ones
+//! away; every transform is one pass over its values per dimension.
+
+use super::super::simd::multiversion;
+
+/// One minimal filtering algorithm F(m×m, 3×3), n = m + 2: `Bᵀ` (n × n), `G` (n × 3) and
+/// `Aᵀ` (m × n).
+struct Scheme<const M: usize, const N: usize> {
+    bt: [[f32; N]; N],
+    g: [[f32; 3]; N],
+    at: [[f32; N]; M],
+}
+
+/// F(2×2, 3×3), interpolation points 0, ±1 and ∞.
+const F2: Scheme<2, 4> = Scheme {
+    bt: [
+        [1.0, 0.0, -1.0, 0.0],
+        [0.0, 1.0, 1.0, 0.0],
+        [0.0, -1.0, 1.0, 0.0],
+        [0.0, 1.0, 0.0, -1.0],
+    ],
+    g: [
+        [1.0, 0.0, 0.0],
+        [0.5, 0.5, 0.5],
+        [0.5, -0.5, 0.5],
+        [0.0, 0.0, 1.0],
+    ],
+    at: [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, -1.0]],
+};
+
+/// F(4×4, 3×3) with interpolation points 0, 1, -1, 2, -1/2 and ∞ (rather than Lavin's ±2:
+/// 2.6× less f32 rounding in a simulation over random tiles, 6× F(2×2, 3×3)'s, where ±2
+/// gave 16×), `Bᵀ`'s rows scaled to small integers and `G`'s by the inverse.
+const F4: Scheme<4, 6> = Scheme {
+    bt: [
+        [2.0, 3.0, -4.0, -3.0, 2.0, 0.0],
+        [0.0, 2.0, 5.0, 1.0, -2.0, 0.0],
+        [0.0, 2.0, 1.0, -5.0, 2.0, 0.0],
+        [0.0, -1.0, -2.0, 1.0, 2.0, 0.0],
+        [0.0, -2.0, 1.0, 2.0, -1.0, 0.0],
+        [0.0, 2.0, 3.0, -4.0, -3.0, 2.0],
+    ],
+    g: [
+        [1.0 / 2.0, 0.0, 0.0],
+        [1.0 / 6.0, 1.0 / 6.0, 1.0 / 6.0],
+        [1.0 / 6.0, -1.0 / 6.0, 1.0 / 6.0],
+        [1.0 / 30.0, 1.0 / 15.0, 2.0 / 15.0],
+        [16.0 / 15.0, -8.0 / 15.0, 4.0 / 15.0],
+        [0.0, 0.0, 1.0 / 2.0],
+    ],
+    at: [
+        [1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
+        [0.0, 1.0, -1.0, 2.0, -0.5, 0.0],
+        [0.0, 1.0, 1.0, 4.0, 0.25, 0.0],
+        [0.0, 1.0, -1.0, 8.0, -0.125, 1.0],
+    ],
+};
+
+/// Where the n² positions of a row of tiles lie in a buffer: position ξ from `at + ξ·stride`.
+#[derive(Debug, Clone, Copy)]
+pub(in crate::kernels) struct Strided {
+    pub at: usize,
+    pub stride: usize,
+}
+
+impl Strided {
+    fn position(self, xi: usize) -> usize {
+        self.at + xi * self.stride
+    }
+}
+
+/// `Aᵀ M A + bias` of a row of tiles (position ξ of every tile in the products from
+/// `positions.position(ξ)`), written as up to m output rows of `width` pixels (fewer past
+/// the image's last row); the scratch holds `(n + 1) · m · tiles` values.
+pub(in crate::kernels) type OutputTransform = fn(
+    products: &[f32],
+    positions: Strided,
+    bias: f32,
+    temp: &mut [f32],
+    out: &mut [f32],
+    width: usize,
+);
+
+/// One scheme's transforms, for the convolution driver.
+pub(in crate::kernels) struct Transforms {
+    /// Output pixels per tile side (m).
+    pub m: usize,
+    /// `Bᵀ d B` of a row of tiles. The input slice holds the tiles' n input rows, each as m
+    /// column phases of `phase_len` values (phase p: columns `m·i + p`); tile t reads columns
+    /// `m·t .. m·t + n`, column j of it at index `t + j / m` of phase `j % m`. The tiles'
+    /// position ξ goes to the output from `positions.position(ξ)`; the scratch holds
+    /// `(n + 1) · m · phase_len` values.
+    pub input: fn(rows: &[f32], temp: &mut [f32], dst: &mut [f32], positions: Strided),
+    /// `Aᵀ M A + bias` of a row of tiles: see [`OutputTransform`].
+    pub output: OutputTransform,
+    /// `G g Gᵀ` of one output channel's kernels (`[c_in, 3, 3]`) into `[n², c_in]`; the
+    /// scratch holds `(9 + 3n) · c_in` values.
+    pub kernel: fn(kernels: &[f32], temp: &mut [f32], u: &mut [f32]),
+}
+
+impl Transforms {
+    /// Input pixels per tile side (n).
+    pub fn n(&self) -> usize {
+        self.m + 2
+    }
+
+    pub fn positions(&self) -> usize {
+        self.n() * self.n()
+    }
+}
+
+pub(in crate::kernels) const F2_TRANSFORMS: Transforms = Transforms {
+    m: 2,
+    input: input_f2,
+    output: output_f2,
+    kernel: kernel_f2,
+};
+
+pub(in crate::kernels) const F4_TRANSFORMS: Transforms = Transforms {
+    m: 4,
+    input: input_f4,
+    output: output_f4,
+    kernel: kernel_f4,
+};
+
+multiversion! {
+    pub fn input_f2(rows: &[f32], temp: &mut [f32], dst: &mut [f32], positions: Strided) {
+        input_transform(&F2, rows, temp, dst, positions)
+    }
+}
+
+multiversion! {
+    pub fn input_f4(rows: &[f32], temp: &mut [f32], dst: &mut [f32], positions: Strided) {
+        input_transform(&F4, rows, temp, dst, positions)
+    }
+}
+
+multiversion! {
+    pub fn kernel_f2(kernels: &[f32], temp: &mut [f32], u: &mut [f32]) {
+        kernel_transform(&F2, kernels, temp, u)
+    }
+}
+
+multiversion! {
+    pub fn kernel_f4(kernels: &[f32], temp: &mut [f32], u: &mut [f32]) {
+        kernel_transform(&F4, kernels, temp, u)
+    }
+}
+
+multiversion! {
+    pub fn output_f2(
+        products: &[f32],
+        positions: Strided,
+        bias: f32,
+        temp: &mut [f32],
+        out: &mut [f32],
+        width: usize
+    ) {
+        output_transform(&F2, products, positions, bias, temp, out, width)
+    }
+}
+
+multiversion! {
+    pub fn output_f4(
+        products: &[f32],
+        positions: Strided,
+        bias: f32,
+        temp: &mut [f32],
+        out: &mut [f32],
+        width: usize
+    ) {
+        output_transform(&F4, products, positions, bias, temp, out, width)
+    }
+}
+
+/// Values per pass of [`transform`]: two AVX2 or one AVX-512 register per slice.
+const LANES: usize = 16;
+
+/// `dst[k][i] = Σ_j matrix[k][j] · src[j][i]` for every i < `dst[k].len()`, the nonzero
+/// terms in order of j. `LANES` values at a time through local arrays, which do not alias,
+/// so the compiler keeps them in vector registers.
+#[inline(always)]
+fn transform<const IN: usize, const OUT: usize>(
+    matrix: &[[f32; IN]; OUT],
+    src: [&[f32]; IN],
+    mut dst: [&mut [f32]; OUT],
+) {
+    let len = dst[0].len();
+    for start in (0..len).step_by(LANES) {
+        let width = LANES.min(len - start);
+        let mut x = [[0f32; LANES]; IN];
+        for (x, src) in x.iter_mut().zip(&src) {
+            copy(&mut x[..width], &src[start..start + width]);
+        }
+        for (row, dst) in matrix.iter().zip(dst.iter_mut()) {
+            let mut y = [0f32; LANES];
+            for (lane, y) in y.iter_mut().enumerate() {
+                *y = dot(row, |j| x[j][lane]);
+            }
+            copy(&mut dst[start..start + width], &y[..width]);
+        }
+    }
+}
+
+/// `dst.copy_from_slice(src)`, as plain vector moves for whole `LANES` (a `memcpy` call
+/// otherwise).
+#[inline(always)]
+fn copy(dst: &mut [f32], src: &[f32]) {
+    match (
+        <&mut [f32; LANES]>::try_from(&mut *dst),
+        <&[f32; LANES]>::try_from(src),
+    ) {
+        (Ok(dst), Ok(src)) => *dst = *src,
+        _ => dst.copy_from_slice(src),
+    }
+}
+
+/// `Σ_j row[j] · x(j)` over the nonzero coefficients, in order.
+#[inline(always)]
+fn dot<const IN: usize>(row: &[f32; IN], x: impl Fn(usize) -> f32) -> f32 {
+    let mut sum: Option<f32> = None;
+    for (j, &c) in row.iter().enumerate() {
+        if c != 0.0 {
+            let term = c * x(j);
+            sum = Some(sum.map_or(term, |sum| sum + term));
+        }
+    }
+    sum.unwrap_or(0.0)
+}
+
+#[inline(always)]
+fn input_transform<const M: usize, const N: usize>(
+    scheme: &Scheme<M, N>,
+    rows: &[f32],
+    temp: &mut [f32],
+    dst: &mut [f32],
+    positions: Strided,
+) {
+    let phase_len = rows.len() / (N * M);
+    let tiles = phase_len - 1;
+    let temp = &mut temp[..N * M * phase_len];
+    // Bᵀ over the rows, phase by phase: t[i·M + p] from rows[a·M + p].
+    for p in 0..M {
+        let src = std::array::from_fn(|a| &rows[(a * M + p) * phase_len..][..phase_len]);
+        let mut outputs = temp.chunks_exact_mut(phase_len).skip(p).step_by(M);
+        let dst = std::array::from_fn(|_| outputs.next().expect("N rows of M phases"));
+        transform(&scheme.bt, src, dst);
+    }
+    // … then B over the columns: position i·N + k of every tile from its columns j.
+    let temp = &*temp;
+    for i in 0..N {
+        let src = std::array::from_fn(|j| &temp[(i * M + j % M) * phase_len + j / M..][..tiles]);
+        let dst = split_positions::<N>(dst, positions, i * N, tiles);
+        transform(&scheme.bt, src, dst);
+    }
+}
+
+/// The `COUNT` consecutive positions from `first` of a row of `tiles` tiles in `buffer`, as
+/// disjoint mutable slices (positions lie `positions.stride ≥ tiles` apart).
+#[inline(always)]
+fn split_positions<const COUNT: usize>(
+    buffer: &mut [f32],
+    positions: Strided,
+    first: usize,
+    tiles: usize,
+) -> [&mut [f32]; COUNT] {
+    let mut rest = &mut buffer[positions.position(first)..];
+    std::array::from_fn(|_| {
+        let taken = std::mem::take(&mut rest);
+        let at = positions.stride.min(taken.len());
+        let (slice, tail) = taken.split_at_mut(at);
+        rest = tail;
+        &mut slice[..tiles]
+    })
+}
+
+#[inline(always)]
+fn output_transform<const M: usize, const N: usize>(
+    scheme: &Scheme<M, N>,
+    products: &[f32],
+    positions: Strided,
+    bias: f32,
+    temp: &mut [f32],
+    out: &mut [f32],
+    width: usize,
+) {
+    let tiles = width.div_ceil(M);
+    let (s, columns) = temp.split_at_mut(M * N * tiles);
+    // Aᵀ over the rows: s[r·N + j] from positions i·N + j.
+    for j in 0..N {
+        let src = std::array::from_fn(|i| &products[positions.position(i * N + j)..][..tiles]);
+        let mut outputs = s.chunks_exact_mut(tiles).skip(j).step_by(N);
+        let dst = std::array::from_fn(|_| outputs.next().expect("M rows of N"));
+        transform(&scheme.at, src, dst);
+    }
+    let s = &*s;
+    for (r, out) in out.chunks_exact_mut(width).enumerate() {
+        // … then A over the columns: output column M·t + c of every tile t.
+        let src = std::array::from_fn(|j| &s[(r * N + j) * tiles..][..tiles]);
+        let mut outputs = columns.chunks_exact_mut(tiles);
+        let dst = std::array::from_fn(|_| outputs.next().expect("M columns"));
+        transform(&scheme.at, src, dst);
+        for (t, pixels) in out.chunks_mut(M).enumerate() {
+            for (c, pixel) in pixels.iter_mut().enumerate() {
+                *pixel = columns[c * tiles + t] + bias;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn kernel_transform<const M: usize, const N: usize>(
+    scheme: &Scheme<M, N>,
+    kernels: &[f32],
+    temp: &mut [f32],
+    u: &mut [f32],
+) {
+    let c_in = kernels.len() / 9;
+    let (taps, rows) = temp.split_at_mut(9 * c_in);
+    // The kernels' taps, each as a slice over the input channels.
+    for (c, g) in kernels.chunks_exact(9).enumerate() {
+        for (k, &value) in g.iter().enumerate() {
+            taps[k * c_in + c] = value;
+        }
+    }
+    // G over the kernel rows: rows[i·3 + j] from taps[k·3 + j] …
+    for j in 0..3 {
+        let src = std::array::from_fn(|k| &taps[(3 * k + j) * c_in..][..c_in]);
+        let mut outputs = rows.chunks_exact_mut(c_in).skip(j).step_by(3);
+        let dst = std::array::from_fn(|_| outputs.next().expect("N rows of 3"));
+        transform(&scheme.g, src, dst);
+    }
+    // … then over the columns: position i·N + l from rows[i·3 + k].
+    let rows = &*rows;
+    let positions = Strided {
+        at: 0,
+        stride: c_in,
+    };
+    for i in 0..N {
+        let src = std::array::from_fn(|k| &rows[(3 * i + k) * c_in..][..c_in]);
+        transform(
+            &scheme.g,
+            src,
+            split_positions::<N>(u, positions, i * N, c_in),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The transforms of one tile compute the direct 3×3 correlation of its n×n patch (plus
+    /// the bias), for both schemes.
+    #[test]
+    fn transforms_compute_a_correlation() {
+        for transforms in [&F2_TRANSFORMS, &F4_TRANSFORMS] {
+            let (m, n) = (transforms.m, transforms.n());
+            let d: Vec<f32> = (0..n * n)
+                .map(|i| ((i * 7 + 3) % 11) as f32 - 5.0)
+                .collect();
+            let g: Vec<f32> = (0..9)
+                .map(|i| ((i * 5 + 1) % 7) as f32 * 0.25 - 0.75)
+                .collect();
+            // One tile: row a's phase p holds columns p and m + p (zero past the patch).
+            let rows: Vec<f32> = (0..n * m)
+                .flat_map(|i| {
+                    let (a, p) = (i / m, i % m);
+                    [d[n * a + p], if m + p < n { d[n * a + m + p] } else { 0.0 }]
+                })
+                .collect();
+            let mut temp = vec![0f32; (n + 1) * m * 2];
+            let mut v = vec![0f32; n * n];
+            let positions = Strided { at: 0, stride: 1 };
+            (transforms.input)(&rows, &mut temp, &mut v, positions);
+            let mut u = vec![0f32; n * n];
+            let mut kernel_temp = vec![0f32; 9 + 3 * n];
+            (transforms.kernel)(&g, &mut kernel_temp, &mut u);
+            let products: Vec<f32> = u.iter().zip(&v).map(|(u, v)| u * v).collect();
+            let mut out = vec![0f32; m * m];
+            (transforms.output)(&products, positions, 0.5, &mut temp, &mut out, m);
+            for (i, &value) in out.iter().enumerate() {
+                let (oy, ox) = (i / m, i % m);
+                let direct: f32 = (0..9)
+                    .map(|k| g[k] * d[(oy + k / 3) * n + ox + k % 3])
+                    .sum::<f32>()
+                    + 0.5;
+                assert!(
+                    (value - direct).abs() < 1e-4,
+                    "F({m}): {i}: {value} vs {direct}"
+                );
+            }
+        }
+    }
+}
