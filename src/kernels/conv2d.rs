@@ -15,7 +15,9 @@ use rayon::prelude::*;
 
 use super::gemm::{matmul, matmul_raw, Matrix, SharedOut};
 use super::winograd::Winograd;
-use super::{contiguous_f32, read_f32, simd, sum_partials, uses_cpu_kernel, with_scratch};
+use super::{
+    contiguous_f32, for_each_work_item, read_f32, simd, sum_partials, uses_cpu_kernel, with_scratch,
+};
 
 /// Output pixels per work item (whole rows): enough columns for an efficient gemm, few enough
 /// that `c_in·9 × TILE_PIXELS` columns stay a few MiB.
@@ -261,15 +263,8 @@ impl CustomOp3 for Conv2dOp {
         let tiles: Vec<(usize, usize, usize)> = (0..g.batch)
             .flat_map(|b| g.tiles().map(move |(first, rows)| (b, first, rows)))
             .collect();
-        // Few tiles (small images) leave threads idle: let gemm split each product instead.
-        let threads = rayon::current_num_threads();
-        let gemm_threads = if tiles.len() < 2 * threads {
-            threads
-        } else {
-            1
-        };
         let shared = SharedOut(out.as_mut_ptr());
-        let run = |&(b, first, rows): &(usize, usize, usize)| {
+        for_each_work_item(&tiles, |&(b, first, rows), gemm_threads| {
             let image = &xs[b * image_len..(b + 1) * image_len];
             let n = rows * g.out_w;
             let offset = b * out_len + first * g.out_w;
@@ -304,12 +299,7 @@ impl CustomOp3 for Conv2dOp {
                     product(Matrix::rows(cols, g.patch_len(), n, n));
                 });
             }
-        };
-        if gemm_threads > 1 {
-            tiles.iter().for_each(run);
-        } else {
-            tiles.par_iter().for_each(run);
-        }
+        });
         Ok((CpuStorage::F32(out), shape))
     }
 

@@ -109,6 +109,19 @@ thread_local! {
     static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
+/// Runs `run(item, gemm_threads)` for every work item: side by side on the pool, or, with
+/// fewer than two items per thread (small images), one after another with each product split
+/// across the threads by gemm instead.
+fn for_each_work_item<T: Sync>(items: &[T], run: impl Fn(&T, usize) + Sync) {
+    use rayon::prelude::*;
+    let threads = rayon::current_num_threads();
+    if items.len() < 2 * threads {
+        items.iter().for_each(|item| run(item, threads));
+    } else {
+        items.par_iter().for_each(|item| run(item, 1));
+    }
+}
+
 /// Runs `f` on a per-thread scratch buffer of `len` values (contents unspecified), reused
 /// across calls so that per-tile buffers of several MiB are not allocated and page-faulted
 /// in again for every tile. Nested calls get their own buffer.

@@ -14,7 +14,7 @@
 use rayon::prelude::*;
 
 use super::gemm::{matmul_raw, Matrix};
-use super::with_scratch;
+use super::{for_each_work_item, with_scratch};
 
 mod transforms;
 
@@ -88,15 +88,7 @@ impl Winograd {
         assert_eq!(out.len(), self.batch * out_len, "output size");
         let shared = super::gemm::SharedOut(out.as_mut_ptr());
         let shared = &shared;
-        let items = self.items();
-        // Few items (small images) leave threads idle: let gemm split each product instead.
-        let threads = rayon::current_num_threads();
-        let gemm_threads = if items.len() < 2 * threads {
-            threads
-        } else {
-            1
-        };
-        let run = |&(b, first, rows): &(usize, usize, usize)| {
+        for_each_work_item(&self.items(), |&(b, first, rows), gemm_threads| {
             let image = &xs[b * image_len..(b + 1) * image_len];
             // SAFETY: image b's output lies inside `out`, and the items own disjoint tile rows.
             unsafe {
@@ -109,12 +101,7 @@ impl Winograd {
                     gemm_threads,
                 )
             };
-        };
-        if gemm_threads > 1 {
-            items.iter().for_each(run);
-        } else {
-            items.par_iter().for_each(run);
-        }
+        });
     }
 
     /// The input gradient `dx` `[batch, c_in, h, w]` of this convolution from the output

@@ -14,6 +14,13 @@ struct Scheme<const M: usize, const N: usize> {
     at: [[f32; N]; M],
 }
 
+impl<const M: usize, const N: usize> Scheme<M, N> {
+    /// Output pixels per tile side.
+    const fn m(&self) -> usize {
+        M
+    }
+}
+
 /// F(2×2, 3×3), interpolation points 0, ±1 and ∞.
 const F2: Scheme<2, 4> = Scheme {
     bt: [
@@ -112,69 +119,46 @@ impl Transforms {
     }
 }
 
-pub(in crate::kernels) const F2_TRANSFORMS: Transforms = Transforms {
-    m: 2,
-    input: input_f2,
-    output: output_f2,
-    kernel: kernel_f2,
-};
-
-pub(in crate::kernels) const F4_TRANSFORMS: Transforms = Transforms {
-    m: 4,
-    input: input_f4,
-    output: output_f4,
-    kernel: kernel_f4,
-};
-
-multiversion! {
-    pub fn input_f2(rows: &[f32], temp: &mut [f32], dst: &mut [f32], positions: Strided) {
-        input_transform(&F2, rows, temp, dst, positions)
-    }
+/// A scheme's [`Transforms`]: its three transforms as functions compiled for each
+/// instruction set (`multiversion!` takes no generic functions, so one per scheme).
+macro_rules! transforms_of {
+    ($scheme:ident, $input:ident, $output:ident, $kernel:ident) => {{
+        multiversion! {
+            pub fn $input(rows: &[f32], temp: &mut [f32], dst: &mut [f32], positions: Strided) {
+                input_transform(&$scheme, rows, temp, dst, positions)
+            }
+        }
+        multiversion! {
+            pub fn $output(
+                products: &[f32],
+                positions: Strided,
+                bias: f32,
+                temp: &mut [f32],
+                out: &mut [f32],
+                width: usize
+            ) {
+                output_transform(&$scheme, products, positions, bias, temp, out, width)
+            }
+        }
+        multiversion! {
+            pub fn $kernel(kernels: &[f32], temp: &mut [f32], u: &mut [f32]) {
+                kernel_transform(&$scheme, kernels, temp, u)
+            }
+        }
+        Transforms {
+            m: $scheme.m(),
+            input: $input,
+            output: $output,
+            kernel: $kernel,
+        }
+    }};
 }
 
-multiversion! {
-    pub fn input_f4(rows: &[f32], temp: &mut [f32], dst: &mut [f32], positions: Strided) {
-        input_transform(&F4, rows, temp, dst, positions)
-    }
-}
+pub(in crate::kernels) const F2_TRANSFORMS: Transforms =
+    transforms_of!(F2, input_f2, output_f2, kernel_f2);
 
-multiversion! {
-    pub fn kernel_f2(kernels: &[f32], temp: &mut [f32], u: &mut [f32]) {
-        kernel_transform(&F2, kernels, temp, u)
-    }
-}
-
-multiversion! {
-    pub fn kernel_f4(kernels: &[f32], temp: &mut [f32], u: &mut [f32]) {
-        kernel_transform(&F4, kernels, temp, u)
-    }
-}
-
-multiversion! {
-    pub fn output_f2(
-        products: &[f32],
-        positions: Strided,
-        bias: f32,
-        temp: &mut [f32],
-        out: &mut [f32],
-        width: usize
-    ) {
-        output_transform(&F2, products, positions, bias, temp, out, width)
-    }
-}
-
-multiversion! {
-    pub fn output_f4(
-        products: &[f32],
-        positions: Strided,
-        bias: f32,
-        temp: &mut [f32],
-        out: &mut [f32],
-        width: usize
-    ) {
-        output_transform(&F4, products, positions, bias, temp, out, width)
-    }
-}
+pub(in crate::kernels) const F4_TRANSFORMS: Transforms =
+    transforms_of!(F4, input_f4, output_f4, kernel_f4);
 
 /// Values per pass of [`transform`]: two AVX2 or one AVX-512 register per slice.
 const LANES: usize = 16;
