@@ -4,7 +4,7 @@ model's recipe (scripts/train_default.sh: batch 32, 64x64 images -> 16x16x4 late
 (32, 64, 128) with 4 heads + a CLIP text encoder (128 wide, 2 layers) trained jointly, AdamW,
 gradient clipping, v-prediction).
 
-    scripts/bench_train.py [--steps 12] [--threads N] [--repeat R] [--record]
+    scripts/bench_train.py [--steps 12] [--threads N] [--repeat R] [--device cuda] [--record]
 
 ldm: `ldm train` on a synthetic captioned image folder (64 solid-shape PNGs made here; speed does
 not depend on content), run for 2 and for 2 + --steps steps with the same seed; the per-step time
@@ -13,7 +13,8 @@ export cancel out.
 PyTorch: diffusers' UNet2DConditionModel and transformers' CLIPTextModel built from the configs
 ldm exported (the same architecture), fed random latents and token ids of the same shapes, with
 the same loss (v-prediction MSE), AdamW(lr 5e-4), clip_grad_norm_(1.0) and zero_grad; the
-per-step time is the mean over --steps steps after 2 warm-up steps.
+per-step time is the mean over --steps steps after 2 warm-up steps (on a GPU, with the device
+synchronised before and after; PyTorch's defaults, so cuDNN may use TF32 for convolutions).
 With --repeat R the two sides alternate R times and the table gives medians (the ratio column:
 the median of the per-run ratios), which tames a shared machine's swings.
 Ratio = PyTorch s/step / ldm s/step (above 1: ldm is faster), for wall time and for CPU time
@@ -66,11 +67,12 @@ def make_data(folder: Path, count: int = 64) -> None:
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def run_ldm(ldm: str, data: Path, out: Path, steps: int, threads: int) -> tuple[float, float]:
+def run_ldm(ldm: str, data: Path, out: Path, steps: int, threads: int, device: str) -> tuple[float, float]:
     """(wall s, CPU s) of one `ldm train` run."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [ldm, "train", "--data", str(data), "--vae", str(WEIGHTS / "vae"), "--tokenizer",
-           str(WEIGHTS / "tokenizer"), "--output", str(out), "--max-steps", str(steps), *RECIPE]
+           str(WEIGHTS / "tokenizer"), "--output", str(out), "--max-steps", str(steps), "--device", device,
+           *RECIPE]
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     start, cpu = time.perf_counter(), children_cpu()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -82,7 +84,7 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_torch(pipeline: Path, steps: int, threads: int) -> tuple[float, float]:
+def run_torch(pipeline: Path, steps: int, threads: int, device: str) -> tuple[float, float]:
     """(wall s, CPU s) per step."""
     import torch
     from diffusers import UNet2DConditionModel
@@ -92,17 +94,18 @@ def run_torch(pipeline: Path, steps: int, threads: int) -> tuple[float, float]:
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(json.loads((pipeline / "unet" / "config.json").read_text()))
     text = CLIPTextModel(CLIPTextConfig.from_pretrained(str(pipeline / "text_encoder")))
+    unet, text = unet.to(device), text.to(device)
     params = list(unet.parameters()) + list(text.parameters())
     optim = torch.optim.AdamW(params, lr=5e-4)
     vocab = text.config.vocab_size
     batch = 32
 
     def step() -> None:
-        latents = torch.randn(batch, 4, 16, 16)
+        latents = torch.randn(batch, 4, 16, 16, device=device)
         noise = torch.randn_like(latents)
-        ids = torch.randint(0, vocab, (batch, 77))
-        t = torch.randint(0, 1000, (batch,))
-        alpha = torch.rand(batch, 1, 1, 1)
+        ids = torch.randint(0, vocab, (batch, 77), device=device)
+        t = torch.randint(0, 1000, (batch,), device=device)
+        alpha = torch.rand(batch, 1, 1, 1, device=device)
         noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
         target = alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
         context = text(ids).last_hidden_state
@@ -113,11 +116,17 @@ def run_torch(pipeline: Path, steps: int, threads: int) -> tuple[float, float]:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optim.step()
 
+    def synchronise() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
     for _ in range(2):
         step()
+    synchronise()
     start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
+    synchronise()
     return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
 
 
@@ -127,6 +136,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeat", type=int, default=1, help="interleaved ldm/PyTorch runs; medians reported")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (ldm's --device; PyTorch's device)")
     ap.add_argument("--record", action="store_true")
     ap.add_argument("--results", default=str(REPO / "BENCHMARKS.md"))
     args = ap.parse_args()
@@ -137,10 +147,10 @@ def main() -> None:
         # Each repeat runs ldm and then PyTorch, so that both see the machine in the same state;
         # the table reports the median of the per-repeat ratios.
         for _ in range(args.repeat):
-            short = run_ldm(args.ldm, tmp / "data", tmp / "short", 2, args.threads)
-            long = run_ldm(args.ldm, tmp / "data", tmp / "long", 2 + args.steps, args.threads)
+            short = run_ldm(args.ldm, tmp / "data", tmp / "short", 2, args.threads, args.device)
+            long = run_ldm(args.ldm, tmp / "data", tmp / "long", 2 + args.steps, args.threads, args.device)
             ldm_wall, ldm_cpu = ((b - a) / args.steps for a, b in zip(short, long))
-            torch_wall, torch_cpu = run_torch(tmp / "long", args.steps, args.threads)
+            torch_wall, torch_cpu = run_torch(tmp / "long", args.steps, args.threads, args.device)
             runs.append((ldm_wall, torch_wall, ldm_cpu, torch_cpu))
             print(f"run {len(runs)}: ldm {ldm_wall:.3f} s/step (CPU {ldm_cpu:.3f}), PyTorch "
                   f"{torch_wall:.3f} (CPU {torch_cpu:.3f}): {torch_wall / ldm_wall:.2f}x", flush=True)
@@ -148,10 +158,11 @@ def main() -> None:
     wall_ratio = statistics.median(t / l for l, t, _, _ in runs)
     cpu_ratio = statistics.median(t / l for _, _, l, t in runs)
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    where = f"{args.threads} thread(s)" if args.device == "cpu" else args.device
     table = (
         "| case | ldm s/step | PyTorch s/step | speedup (PyTorch/ldm) | ldm CPU s/step | PyTorch CPU s/step "
         "| CPU-time speedup |\n|---|---|---|---|---|---|---|\n"
-        f"| default-model recipe, batch 32, {args.threads} thread(s) | {ldm_wall:.3f} | {torch_wall:.3f} "
+        f"| default-model recipe, batch 32, {where} | {ldm_wall:.3f} | {torch_wall:.3f} "
         f"| **{wall_ratio:.2f}x** | {ldm_cpu:.3f} | {torch_cpu:.3f} | {cpu_ratio:.2f}x |\n"
     )
     print(table)

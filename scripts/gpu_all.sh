@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Everything a GPU machine is lent for, in one call, most important first (a lease is short):
+#   1. scripts/gpu_check.py      the CUDA build's parity with diffusers' recorded runs, the
+#                                default model, training steps   -> gpu-check.md, .json
+#   2. scripts/bench_gpu.py      SD 1.5 architecture, 512², 1 image: ldm vs diffusers eager and
+#                                torch.compile'd (tables in the logs)
+#   3. scripts/bench_train.py    the default model's training step vs PyTorch  -> train.log
+#   4. scripts/bench_gpu.py      4 images, eager only
+# Each stage has its own time limit (seconds, STAGE_LIMITS="check bench1 train bench4") and the
+# others run when one fails. Output in $OUT (the device runner's folder) or gpu-out/.
+#
+#   run(command="scripts/gpu_all.sh", carry=[".gpu-carry"], timeout_s=...)    # on the GPU machine
+#   gpu_smoke=1 scripts/gpu_all.sh                    # here: the logic on the CPU, tiny pipeline
+set -uo pipefail
+gpu_smoke="${gpu_smoke:-0}"
+# shellcheck source=scripts/gpu_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
+out="${OUT:-$repo/gpu-out}"
+mkdir -p "$out"
+read -r check_s bench1_s train_s bench4_s <<<"${STAGE_LIMITS:-100 200 90 90}"
+device=cuda smoke=()
+if [[ $gpu_smoke == 1 ]]; then
+    device=cpu smoke=(--cpu-smoke)
+fi
+export PYTHONUNBUFFERED=1
+work="$(mktemp -d)"
+
+stage() {  # stage NAME LIMIT COMMAND...: runs it, logs to $out/NAME.log, reports the time
+    local name=$1 limit=$2 start=$SECONDS
+    shift 2
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    echo "$name: exit $? after $((SECONDS - start)) s" | tee -a "$out/stages.txt"
+}
+
+stage check "$check_s" "$PYTHON" "$repo/scripts/gpu_check.py" --ldm "$ldm" --device "$device" --out "$out"
+stage bench1 "$bench1_s" "$PYTHON" "$repo/scripts/bench_gpu.py" --ldm "$ldm" "${smoke[@]}" --cases 1 --repeat 1 \
+    --out "$work/bench1"
+stage train "$train_s" "$PYTHON" "$repo/scripts/bench_train.py" --ldm "$ldm" --device "$device" --steps 30
+stage bench4 "$bench4_s" "$PYTHON" "$repo/scripts/bench_gpu.py" --ldm "$ldm" "${smoke[@]}" --cases 4 --repeat 1 \
+    --no-compile --out "$work/bench4"
+exit 0
