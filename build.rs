@@ -10,11 +10,19 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 fn main() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
+    // The manifest folder of this build, not of the one that compiled this script: a target
+    // folder shared between checkouts reuses the compiled script.
+    let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let root = Path::new(&manifest).join("weights");
     println!("cargo:rerun-if-changed={}", root.display());
     let mut files = Vec::new();
     collect(&root, &root, &mut files);
     files.sort();
+    assert!(
+        files.iter().any(|(name, _)| name == "model_index.json"),
+        "no default model in {} (weights/model_index.json is missing)",
+        root.display()
+    );
     let mut hash = Sha256::new();
     let mut list = String::new();
     for (relative, path) in &files {

@@ -431,26 +431,30 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     model = ensure_model(args)
     results: dict = {}
+    info = machine_info(args)
+
+    def record() -> None:
+        """Writes the results so far: a time limit that cuts the run short keeps them."""
+        (out / "results.md").write_text(render(results, info, args))
+        (out / "results.json").write_text(json.dumps(
+            {"info": info, "args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
+
     ok = True
     for n in (int(c) for c in args.cases.split(",")):
         work = out / f"{n}-images"
-        case = {"ldm": bench_ldm(args, model, n, work / "ldm")}
+        case = results[n] = {"ldm": bench_ldm(args, model, n, work / "ldm")}
         print(f"{n} image(s): ldm done", file=sys.stderr)
         case["eager"] = bench_diffusers(args, model, n, False, work / "eager")
-        print(f"{n} image(s): diffusers eager done", file=sys.stderr)
-        if not args.no_compile:
-            case["compiled"] = bench_diffusers(args, model, n, True, work / "compiled")
-            print(f"{n} image(s): diffusers compiled done", file=sys.stderr)
         case["pixel_diff"] = pixel_diff(case["ldm"]["pngs"], case["eager"]["pngs"])
         if case["pixel_diff"]["max"] is None or case["pixel_diff"]["max"] > args.max_pixel_diff:
             ok = False
-        results[n] = case
-    info = machine_info(args)
-    text = render(results, info, args)
-    print(text)
-    (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"info": info, "args": {k: str(v) for k, v in vars(args).items()},
-                                                  "results": results}, indent=1))
+        record()
+        print(f"{n} image(s): diffusers eager done", file=sys.stderr)
+        if not args.no_compile:
+            case["compiled"] = bench_diffusers(args, model, n, True, work / "compiled")
+            record()
+            print(f"{n} image(s): diffusers compiled done", file=sys.stderr)
+    print((out / "results.md").read_text())
     if not ok:
         sys.exit(f"images disagree with diffusers beyond --max-pixel-diff {args.max_pixel_diff}")
 

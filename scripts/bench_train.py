@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-WEIGHTS = REPO / "weights"
 RECIPE = [
     "--train-text-encoder", "--text-hidden-size", "128", "--text-layers", "2", "--text-heads", "4",
     "--text-intermediate-size", "512", "--unet-channels", "32,64,128", "--unet-layers-per-block", "1",
@@ -67,13 +66,14 @@ def make_data(folder: Path, count: int = 64) -> None:
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def run_ldm(ldm: str, data: Path, out: Path, steps: int, threads: int, device: str) -> tuple[float, float]:
+def run_ldm(args, data: Path, out: Path, steps: int) -> tuple[float, float]:
     """(wall s, CPU s) of one `ldm train` run."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [ldm, "train", "--data", str(data), "--vae", str(WEIGHTS / "vae"), "--tokenizer",
-           str(WEIGHTS / "tokenizer"), "--output", str(out), "--max-steps", str(steps), "--device", device,
+    weights = Path(args.weights)
+    cmd = [args.ldm, "train", "--data", str(data), "--vae", str(weights / "vae"), "--tokenizer",
+           str(weights / "tokenizer"), "--output", str(out), "--max-steps", str(steps), "--device", args.device,
            *RECIPE]
-    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
     start, cpu = time.perf_counter(), children_cpu()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start, children_cpu() - cpu
@@ -137,6 +137,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeat", type=int, default=1, help="interleaved ldm/PyTorch runs; medians reported")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (ldm's --device; PyTorch's device)")
+    ap.add_argument("--weights", default=str(REPO / "weights"),
+                    help="the default model's folder (its vae/ and tokenizer/ serve the recipe)")
     ap.add_argument("--record", action="store_true")
     ap.add_argument("--results", default=str(REPO / "BENCHMARKS.md"))
     args = ap.parse_args()
@@ -147,8 +149,8 @@ def main() -> None:
         # Each repeat runs ldm and then PyTorch, so that both see the machine in the same state;
         # the table reports the median of the per-repeat ratios.
         for _ in range(args.repeat):
-            short = run_ldm(args.ldm, tmp / "data", tmp / "short", 2, args.threads, args.device)
-            long = run_ldm(args.ldm, tmp / "data", tmp / "long", 2 + args.steps, args.threads, args.device)
+            short = run_ldm(args, tmp / "data", tmp / "short", 2)
+            long = run_ldm(args, tmp / "data", tmp / "long", 2 + args.steps)
             ldm_wall, ldm_cpu = ((b - a) / args.steps for a, b in zip(short, long))
             torch_wall, torch_cpu = run_torch(tmp / "long", args.steps, args.threads, args.device)
             runs.append((ldm_wall, torch_wall, ldm_cpu, torch_cpu))

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Everything a GPU machine is lent for, in one call, most important first (a lease is short):
 #   1. scripts/gpu_check.py      the CUDA build's parity with diffusers' recorded runs, the
-#                                default model, training steps   -> gpu-check.md, .json
+#                                default model, training steps   -> check.log, gpu-check.json
 #   2. scripts/bench_gpu.py      SD 1.5 architecture, 512², 1 image: ldm vs diffusers eager and
-#                                torch.compile'd (tables in the logs)
+#                                torch.compile'd                  -> bench-1.md
 #   3. scripts/bench_train.py    the default model's training step vs PyTorch  -> train.log
-#   4. scripts/bench_gpu.py      4 images, eager only
+#   4. scripts/bench_gpu.py      4 images, eager only             -> bench-4.md
 # Each stage has its own time limit (seconds, STAGE_LIMITS="check bench1 train bench4") and the
 # others run when one fails. Output in $OUT (the device runner's folder) or gpu-out/.
 #
@@ -17,7 +17,7 @@ gpu_smoke="${gpu_smoke:-0}"
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 out="${OUT:-$repo/gpu-out}"
 mkdir -p "$out"
-read -r check_s bench1_s train_s bench4_s <<<"${STAGE_LIMITS:-100 200 90 90}"
+read -r check_s bench1_s train_s bench4_s <<<"${STAGE_LIMITS:-120 170 70 60}"
 device=cuda smoke=()
 if [[ $gpu_smoke == 1 ]]; then
     device=cpu smoke=(--cpu-smoke)
@@ -32,10 +32,23 @@ stage() {  # stage NAME LIMIT COMMAND...: runs it, logs to $out/NAME.log, report
     echo "$name: exit $? after $((SECONDS - start)) s" | tee -a "$out/stages.txt"
 }
 
-stage check "$check_s" "$PYTHON" "$repo/scripts/gpu_check.py" --ldm "$ldm" --device "$device" --out "$out"
+# The default model's folder for the training checks: weights/, or where the binary unpacks its
+# embedded copy when weights/ did not travel (it and the binary are over a device run's 64 MiB).
+weights="$repo/weights"
+if [[ ! -f $weights/model_index.json ]]; then
+    "$ldm" txt2img "a black cat" --steps 1 --quiet -o "$work/unpack.png" >/dev/null 2>&1
+    weights=$(ls -d "${XDG_CACHE_HOME:-$HOME/.cache}"/ldm/default-model-* | head -1)
+fi
+
+stage check "$check_s" "$PYTHON" "$repo/scripts/gpu_check.py" --ldm "$ldm" --device "$device" --out "$work/check" \
+    --weights "$weights"
+cp "$work/check/gpu-check.json" "$out/" 2>/dev/null  # its table is in check.log
 stage bench1 "$bench1_s" "$PYTHON" "$repo/scripts/bench_gpu.py" --ldm "$ldm" "${smoke[@]}" --cases 1 --repeat 1 \
     --out "$work/bench1"
-stage train "$train_s" "$PYTHON" "$repo/scripts/bench_train.py" --ldm "$ldm" --device "$device" --steps 30
+cp "$work/bench1/results.md" "$out/bench-1.md" 2>/dev/null
+stage train "$train_s" "$PYTHON" "$repo/scripts/bench_train.py" --ldm "$ldm" --device "$device" --steps 30 \
+    --weights "$weights"
 stage bench4 "$bench4_s" "$PYTHON" "$repo/scripts/bench_gpu.py" --ldm "$ldm" "${smoke[@]}" --cases 4 --repeat 1 \
     --no-compile --out "$work/bench4"
+cp "$work/bench4/results.md" "$out/bench-4.md" 2>/dev/null
 exit 0

@@ -155,7 +155,7 @@ def final_losses(out: Path) -> dict:
 
 def check_train(args, work: Path, dtype: str) -> list[dict]:
     data = shapes_folder(work / "data")
-    weights = REPO / "weights"
+    weights = args.weights
     common = ["--data", data, "--max-steps", "20", "--batch-size", "8", "--seed", "0", "--device", args.device,
               "--dtype", dtype, "--quiet", "--save-every", "10", "--sample-every", "20"]
     commands = {
@@ -212,6 +212,8 @@ def main() -> None:
     ap.add_argument("--ldm", required=True, type=Path)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=os.environ.get("OUT") or "gpu-check-out")
+    ap.add_argument("--weights", type=Path, default=REPO / "weights",
+                    help="the default model's folder, whose vae/ and tokenizer/ the training checks use")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,11 @@ impl DeviceSpec {
     pub fn open(self) -> anyhow::Result<Device> {
         let device = match self {
             Self::Cpu => Device::Cpu,
-            Self::Cuda(i) => Device::new_cuda(i).with_context(|| {
+            Self::Cuda(i) => {
+                full_precision_f32();
+                Device::new_cuda(i)
+            }
+            .with_context(|| {
                 if candle_core::utils::cuda_is_available() {
                     format!("cannot open cuda:{i}: no usable NVIDIA GPU or driver on this machine")
                 } else {
@@ -79,6 +83,20 @@ impl DeviceSpec {
             None
         }
     }
+}
+
+/// f32 on a GPU is f32: cuBLAS and cuDNN may otherwise multiply f32 in TF32 on Ampere and
+/// later (cuDNN does by default, and PyTorch lets it), 10-bit mantissas that move SD's latents
+/// by ~1e-2 where the CPU and diffusers' fixtures agree to 1e-4. The libraries read this
+/// variable when they start, so it is set before the first CUDA device opens; a value the user
+/// set stays. Half precision is unaffected.
+fn full_precision_f32() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("NVIDIA_TF32_OVERRIDE").is_none() {
+            std::env::set_var("NVIDIA_TF32_OVERRIDE", "0");
+        }
+    });
 }
 
 /// Opens the device the user named, or else the first GPU this build supports. A GPU build on

@@ -551,3 +551,42 @@ fn outputs_are_readable_as_the_umask_allows() {
         }
     }
 }
+
+/// img2img and inpaint in half precision (the image and mask arrive in f32): they run, and
+/// their latents stay near the f32 run's (measured on the CPU: f16 up to 0.05 and bf16 up to
+/// 0.36 on latents up to |18|; the bounds allow about twice that).
+#[test]
+fn image_pipelines_run_in_half_precision() {
+    let temp = tempfile::tempdir().unwrap();
+    let image = common::fixture("cases/test_image_64.png");
+    let mask = common::fixture("cases/test_mask_64.png");
+    for (command, tolerance) in [("img2img", [0.05, 0.4]), ("inpaint", [0.1, 0.7])] {
+        let latents = |dtype: &str| {
+            let out = temp.path().join(format!("{command}-{dtype}.png"));
+            let saved = temp.path().join(format!("{command}-{dtype}.safetensors"));
+            let mut args = quick(&["--seed", "3", "--dtype", dtype, "--device", "cpu"]);
+            args[0] = command.to_string();
+            args.extend(["--image".into(), image.to_string_lossy().into_owned()]);
+            if command == "inpaint" {
+                args.extend(["--mask".into(), mask.to_string_lossy().into_owned()]);
+            }
+            args.extend(["-o".into(), out.to_string_lossy().into_owned()]);
+            args.extend([
+                "--save-latents".into(),
+                saved.to_string_lossy().into_owned(),
+            ]);
+            let output = run(&args);
+            assert!(
+                output.status.success(),
+                "{command} --dtype {dtype}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            saved_latents(saved.to_str().unwrap())
+        };
+        let full = latents("f32");
+        for (dtype, tolerance) in ["f16", "bf16"].into_iter().zip(tolerance) {
+            let diff = common::max_abs_diff(&full, &latents(dtype));
+            assert!(diff < tolerance, "{command} {dtype}: {diff}");
+        }
+    }
+}

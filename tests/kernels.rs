@@ -412,6 +412,34 @@ fn conv2d_matches_candle_forward_and_backward() {
 }
 
 #[test]
+fn unfolded_conv2d_matches_candle_forward_and_backward() {
+    // (batch, c_in, c_out, kernel, stride, padding, h, w): 3×3 same, the strided downsampler
+    // with and without padding on odd and even sizes, 1×1 projections.
+    let cases = [
+        (2, 3, 4, 3, 1, 1, 7, 8),
+        (3, 5, 6, 1, 1, 0, 5, 6),
+        (1, 4, 4, 3, 2, 1, 9, 11),
+        (2, 4, 3, 3, 2, 0, 9, 11),
+        (2, 4, 5, 3, 2, 1, 8, 8),
+    ];
+    for (i, &(b, cin, cout, k, stride, pad, h, w)) in cases.iter().enumerate() {
+        let xs = values(&[b, cin, h, w], 80 + i as u64, 1.0);
+        let weight = values(&[cout, cin, k, k], 90 + i as u64, 0.5);
+        let bias = values(&[cout], 100 + i as u64, 0.5);
+        let (out_err, grad_err) = compare(&[xs, weight, bias], |t| {
+            let f = if t[0].dtype() == DType::F64 {
+                kernels::conv2d_composed
+            } else {
+                kernels::conv2d_unfolded
+            };
+            f(&t[0], &t[1], &t[2], stride, pad)
+        });
+        assert!(out_err < 1e-5, "case {i}: forward error {out_err}");
+        assert!(grad_err < 1e-5, "case {i}: gradient error {grad_err}");
+    }
+}
+
+#[test]
 fn conv2d_gradient_matches_finite_differences_and_half_precision_runs() {
     let weight = values(&[3, 2, 3, 3], 2, 0.5);
     let bias = values(&[3], 3, 0.5);

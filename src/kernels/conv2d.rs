@@ -36,7 +36,11 @@ pub fn conv2d(
     padding: usize,
 ) -> Result<Tensor> {
     if !uses_cpu_kernel(xs) {
-        return conv2d_composed(xs, weight, bias, stride, padding);
+        return if unfolded_on_gpu(xs) {
+            conv2d_unfolded(xs, weight, bias, stride, padding)
+        } else {
+            conv2d_composed(xs, weight, bias, stride, padding)
+        };
     }
     Geometry::new(xs.dims(), weight.dims(), stride, padding)?;
     let dtype = xs.dtype();
@@ -51,6 +55,17 @@ pub fn conv2d(
         .to_dtype(dtype)
 }
 
+/// Whether a GPU convolution takes [`conv2d_unfolded`]: half precision (see there), or any
+/// precision with `LDM_GPU_CONV=unfold` (`cudnn`: candle's cuDNN call for all), for measuring
+/// one against the other.
+fn unfolded_on_gpu(xs: &Tensor) -> bool {
+    match std::env::var("LDM_GPU_CONV").as_deref() {
+        Ok("unfold") => true,
+        Ok("cudnn") => false,
+        _ => matches!(xs.dtype(), DType::F16 | DType::BF16),
+    }
+}
+
 /// The same with candle's convolution (reference and GPU path).
 pub fn conv2d_composed(
     xs: &Tensor,
@@ -61,6 +76,65 @@ pub fn conv2d_composed(
 ) -> Result<Tensor> {
     xs.conv2d(weight, padding, stride, 1, 1)?
         .broadcast_add(&bias.reshape((1, (), 1, 1))?)
+}
+
+/// The same as one matrix product over unfolded patches, from candle's primitive ops (so it
+/// is differentiable on every device): the GPU path in half precision, where candle's cuDNN
+/// call multiplies and sums in half precision (cuDNN's "true half" configuration) while a
+/// half-precision matrix product on cuBLAS sums in f32 on the tensor cores, as PyTorch does.
+pub fn conv2d_unfolded(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let g = Geometry::new(xs.dims(), weight.dims(), stride, padding)?;
+    let taps = g.c_in * g.kh * g.kw;
+    let patches = if g.kh * g.kw == 1 && stride == 1 && padding == 0 {
+        xs.reshape((g.batch, taps, g.out_h * g.out_w))?
+    } else {
+        let padded = xs
+            .pad_with_zeros(2, padding, padding)?
+            .pad_with_zeros(3, padding, padding)?;
+        let mut windows = Vec::with_capacity(g.kh * g.kw);
+        for ky in 0..g.kh {
+            let rows = every_stride(&padded, 2, ky, g.out_h, stride)?;
+            for kx in 0..g.kw {
+                windows.push(every_stride(&rows, 3, kx, g.out_w, stride)?);
+            }
+        }
+        // [batch, c_in, kh·kw, out_h, out_w]: the (c_in, ky, kx) order of the weight's rows.
+        Tensor::stack(&windows, 2)?.reshape((g.batch, taps, g.out_h * g.out_w))?
+    };
+    weight
+        .reshape((g.c_out, taps))?
+        .broadcast_matmul(&patches)?
+        .reshape((g.batch, g.c_out, g.out_h, g.out_w))?
+        .broadcast_add(&bias.reshape((1, (), 1, 1))?)
+}
+
+/// `count` entries of dimension `dim`, from `first` in steps of `stride`.
+fn every_stride(
+    xs: &Tensor,
+    dim: usize,
+    first: usize,
+    count: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let span = xs.narrow(dim, first, (count - 1) * stride + 1)?;
+    if stride == 1 {
+        return Ok(span);
+    }
+    // Padded to `count · stride` entries, split into (count, stride), the first of each kept.
+    let padded = span.pad_with_zeros(dim, 0, stride - 1)?;
+    let mut split = padded.dims().to_vec();
+    split[dim] = count;
+    split.insert(dim + 1, stride);
+    padded
+        .reshape(split)?
+        .narrow(dim + 1, 0, 1)?
+        .squeeze(dim + 1)
 }
 
 /// The sizes of one convolution.

@@ -27,7 +27,7 @@ mod winograd;
 
 pub use activation::Activation;
 pub use attention::{attention, attention_composed};
-pub use conv2d::{conv2d, conv2d_composed};
+pub use conv2d::{conv2d, conv2d_composed, conv2d_unfolded};
 pub use geglu::{geglu, geglu_composed};
 pub use group_norm::{group_norm, group_norm_composed};
 pub use layer_norm::{layer_norm, layer_norm_composed};

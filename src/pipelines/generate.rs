@@ -347,7 +347,7 @@ impl StableDiffusion {
             None => None,
             Some(masks) => {
                 let mask = Tensor::stack(&masks, 0)?.to_dtype(self.dtype)?;
-                let keep = mask.lt(0.5)?.to_dtype(self.dtype)?;
+                let keep = mask.lt(0.5)?.to_dtype(pixels.dtype())?;
                 let masked_pixels = pixels.broadcast_mul(&keep)?;
                 let masked_image_latents = self.encode_image(&masked_pixels, noise)?;
                 let latent_mask = self.latent_mask(&mask)?;
