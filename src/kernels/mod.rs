@@ -8,7 +8,8 @@
 //! devices without a kernel here (CUDA, Metal) and for f64. On a GPU, inference (tensors no
 //! gradient flows through) takes candle's own fused kernels where candle has them (softmax,
 //! layer norm, and attention built on its softmax); training keeps the differentiable
-//! composed ops.
+//! composed ops. Half-precision convolutions on a GPU are one matrix product over unfolded
+//! patches (`conv2d_unfolded`), differentiable too.
 
 pub mod activation;
 pub mod attention;
