@@ -11,6 +11,8 @@
 //! input gradient is such a convolution too (of the output gradient, with the kernel flipped
 //! and transposed) and takes the same path; the kernel gradient keeps the im2col products.
 
+use std::cell::Cell;
+
 use rayon::prelude::*;
 
 use super::gemm::{matmul_raw, Matrix};
@@ -29,6 +31,12 @@ const MIN_PIXELS: usize = 1024;
 const F4_MIN_PIXELS: usize = 4096;
 /// Tiles per work item (whole rows of tiles): enough columns for an efficient product.
 const TILES_PER_ITEM: usize = 64;
+
+thread_local! {
+    /// The buffer of the transformed kernels, kept between calls: a fresh one of tens of MiB
+    /// was page-faulted in on every call (a quarter of the time of a 16×16 convolution).
+    static TRANSFORMED_KERNELS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
 
 /// The sizes of one convolution this path handles: output size = input size.
 #[derive(Debug, Clone, Copy)]
@@ -82,7 +90,8 @@ impl Winograd {
     /// `out` `[batch, c_out, h, w]` = conv3×3(`xs` `[batch, c_in, h, w]`, `weight`
     /// `[c_out, c_in, 3, 3]`) + `bias`.
     pub fn forward(&self, xs: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32]) {
-        let kernels = self.transformed_kernels(weight);
+        let mut kernels = TRANSFORMED_KERNELS.with(Cell::take);
+        self.transform_kernels(weight, &mut kernels);
         let plane = self.h * self.w;
         let (image_len, out_len) = (self.c_in * plane, self.c_out * plane);
         assert_eq!(out.len(), self.batch * out_len, "output size");
@@ -102,6 +111,7 @@ impl Winograd {
                 )
             };
         });
+        TRANSFORMED_KERNELS.with(|cell| cell.set(kernels));
     }
 
     /// The input gradient `dx` `[batch, c_in, h, w]` of this convolution from the output
@@ -125,12 +135,13 @@ impl Winograd {
         transposed.forward(grad, &flipped, &vec![0.0; self.c_in], dx);
     }
 
-    /// `U_ξ` for every output channel: `[c_out, n², c_in]`, so that `U_ξ` is the
-    /// `[c_out, c_in]` matrix at offset `ξ·c_in` with rows `n²·c_in` apart.
-    fn transformed_kernels(&self, weight: &[f32]) -> Vec<f32> {
+    /// `U_ξ` for every output channel into `u` (resized; every value is written):
+    /// `[c_out, n², c_in]`, so that `U_ξ` is the `[c_out, c_in]` matrix at offset `ξ·c_in`
+    /// with rows `n²·c_in` apart.
+    fn transform_kernels(&self, weight: &[f32], u: &mut Vec<f32>) {
         let scheme = self.scheme();
         let positions = scheme.positions();
-        let mut u = vec![0f32; self.c_out * positions * self.c_in];
+        u.resize(self.c_out * positions * self.c_in, 0.0);
         let temp_len = (9 + 3 * scheme.n()) * self.c_in;
         u.par_chunks_exact_mut(positions * self.c_in)
             .zip(weight.par_chunks_exact(9 * self.c_in))
@@ -138,7 +149,6 @@ impl Winograd {
                 || vec![0f32; temp_len],
                 |temp, (u, kernels)| (scheme.kernel)(kernels, temp, u),
             );
-        u
     }
 
     /// Output rows `m·first .. m·(first + rows)` of one image, whose `[c_out, h, w]` output
