@@ -325,6 +325,20 @@ def pixel_diff(ldm_pngs: list[str], ref_pngs: list[str]) -> dict:
     return {"max": int(all_diffs.max()), "mean": float(all_diffs.mean())}
 
 
+def latent_agreement(ldm_latents: str, ref_latents: str) -> dict:
+    """Final latents side by side: where images disagree, which side (if any) left the finite
+    range (random fp16 weights can overflow)."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    x, y = (load_file(path)["latents"].astype(np.float64) for path in (ldm_latents, ref_latents))
+    report = {f"{side}_nonfinite": int((~np.isfinite(t)).sum()) for side, t in (("ldm", x), ("ref", y))}
+    report.update({f"{side}_max_abs": float(np.nanmax(np.abs(np.where(np.isfinite(t), t, np.nan)), initial=0.0))
+                   for side, t in (("ldm", x), ("ref", y))})
+    report["max_diff"] = float(np.nanmax(np.abs(x - y))) if x.shape == y.shape else None
+    return report
+
+
 def fmt(x, spec=".2f") -> str:
     return "n/a" if x is None else format(x, spec)
 
@@ -357,6 +371,12 @@ def render(results: dict, info: dict, args) -> str:
                 f"{fmt(diff.get('max'), 'd') if side == 'ldm' else ''}"
                 f"{'/' + fmt(diff.get('mean')) if side == 'ldm' else ''} |"
             )
+    for n, case in results.items():
+        if "latents" in case:
+            a = case["latents"]
+            lines.append(f"\n{n} image(s), final latents, ldm vs diffusers eager: max difference "
+                         f"{fmt(a['max_diff'], '.3g')}; largest |value| {a['ldm_max_abs']:.3g} vs "
+                         f"{a['ref_max_abs']:.3g}; non-finite values {a['ldm_nonfinite']} vs {a['ref_nonfinite']}")
     lines += ["", "| images | vs | it/s ratio (ldm/diffusers) | s/image ratio (diffusers/ldm) | memory ratio (ldm/diffusers) |",
               "|---|---|---|---|---|"]
     for n, case in results.items():
@@ -446,6 +466,7 @@ def main() -> None:
         print(f"{n} image(s): ldm done", file=sys.stderr)
         case["eager"] = bench_diffusers(args, model, n, False, work / "eager")
         case["pixel_diff"] = pixel_diff(case["ldm"]["pngs"], case["eager"]["pngs"])
+        case["latents"] = latent_agreement(case["ldm"]["latents"], case["eager"]["latents"])
         if case["pixel_diff"]["max"] is None or case["pixel_diff"]["max"] > args.max_pixel_diff:
             ok = False
         record()

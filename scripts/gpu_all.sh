@@ -4,7 +4,8 @@
 #                                default model, training steps   -> check.log, gpu-check.json
 #   2. scripts/bench_gpu.py      SD 1.5 architecture, 512², 1 image: ldm vs diffusers eager and
 #                                torch.compile'd                  -> bench-1.md
-#   3. scripts/bench_train.py    the default model's training step vs PyTorch  -> train.log
+#   3. scripts/bench_train.py    the default model's training step vs PyTorch, with the f32
+#                                convolutions through cuDNN and unfolded  -> train.log
 #   4. scripts/bench_gpu.py      4 images, eager only             -> bench-4.md
 # Each stage has its own time limit (seconds, STAGE_LIMITS="check bench1 train bench4") and the
 # others run when one fails. Output in $OUT (the device runner's folder) or gpu-out/.
@@ -17,7 +18,7 @@ gpu_smoke="${gpu_smoke:-0}"
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 out="${OUT:-$repo/gpu-out}"
 mkdir -p "$out"
-read -r check_s bench1_s train_s bench4_s <<<"${STAGE_LIMITS:-120 170 70 60}"
+read -r check_s bench1_s train_s bench4_s <<<"${STAGE_LIMITS:-120 170 110 60}"
 device=cuda smoke=()
 if [[ $gpu_smoke == 1 ]]; then
     device=cpu smoke=(--cpu-smoke)
@@ -46,8 +47,18 @@ cp "$work/check/gpu-check.json" "$out/" 2>/dev/null  # its table is in check.log
 stage bench1 "$bench1_s" "$PYTHON" "$repo/scripts/bench_gpu.py" --ldm "$ldm" "${smoke[@]}" --cases 1 --repeat 1 \
     --out "$work/bench1"
 cp "$work/bench1/results.md" "$out/bench-1.md" 2>/dev/null
-stage train "$train_s" "$PYTHON" "$repo/scripts/bench_train.py" --ldm "$ldm" --device "$device" --steps 30 \
-    --weights "$weights"
+# Training twice: as built (f32 convolutions through cuDNN), then with every convolution as
+# an unfolded product (LDM_GPU_CONV=unfold), the A/B that decides the f32 path.
+train_both() {
+    for conv in "" unfold; do
+        echo "LDM_GPU_CONV=$conv"
+        LDM_GPU_CONV=$conv "$PYTHON" "$repo/scripts/bench_train.py" --ldm "$ldm" --device "$device" --steps 30 \
+            --weights "$weights"
+    done
+}
+export -f train_both
+export PYTHON repo ldm device weights
+stage train "$train_s" bash -c train_both
 stage bench4 "$bench4_s" "$PYTHON" "$repo/scripts/bench_gpu.py" --ldm "$ldm" "${smoke[@]}" --cases 4 --repeat 1 \
     --no-compile --out "$work/bench4"
 cp "$work/bench4/results.md" "$out/bench-4.md" 2>/dev/null
