@@ -362,6 +362,26 @@ fn half_precision_norms_follow_the_f32_kernel() {
     }
 }
 
+/// `(batch, c_in, c_out, kernel, stride, padding, h, w)`.
+type ConvCase = (usize, usize, usize, usize, usize, usize, usize, usize);
+type Conv = fn(&Tensor, &Tensor, &Tensor, usize, usize) -> Result<Tensor>;
+
+/// [`compare`] of `conv` (in f32) against candle's convolution (in f64) on seeded inputs.
+fn conv_errors(case: ConvCase, seed: u64, conv: Conv) -> (f64, f64) {
+    let (b, cin, cout, k, stride, pad, h, w) = case;
+    let xs = values(&[b, cin, h, w], seed, 1.0);
+    let weight = values(&[cout, cin, k, k], seed + 10, 0.5);
+    let bias = values(&[cout], seed + 20, 0.5);
+    compare(&[xs, weight, bias], |t| {
+        let f = if t[0].dtype() == DType::F64 {
+            kernels::conv2d_composed
+        } else {
+            conv
+        };
+        f(&t[0], &t[1], &t[2], stride, pad)
+    })
+}
+
 #[test]
 fn conv2d_matches_candle_forward_and_backward() {
     // (batch, c_in, c_out, kernel, stride, padding, h, w): SD's 3×3 same convs, the strided
@@ -388,21 +408,10 @@ fn conv2d_matches_candle_forward_and_backward() {
             .build()
             .unwrap()
     });
-    for (i, &(b, cin, cout, k, stride, pad, h, w)) in cases.iter().enumerate() {
-        let pool = &pools[i % 2];
-        let xs = values(&[b, cin, h, w], 50 + i as u64, 1.0);
-        let weight = values(&[cout, cin, k, k], 60 + i as u64, 0.5);
-        let bias = values(&[cout], 70 + i as u64, 0.5);
-        let (out_err, grad_err) = pool.install(|| {
-            compare(&[xs, weight, bias], |t| {
-                let f = if t[0].dtype() == DType::F64 {
-                    kernels::conv2d_composed
-                } else {
-                    kernels::conv2d
-                };
-                f(&t[0], &t[1], &t[2], stride, pad)
-            })
-        });
+    for (i, &case) in cases.iter().enumerate() {
+        let (out_err, grad_err) =
+            pools[i % 2].install(|| conv_errors(case, 50 + i as u64, kernels::conv2d));
+        let (h, w) = (case.6, case.7);
         // F(4×4, 3×3) scales values by up to 8 and 1/8 on the way: its f32 rounding is several
         // times F(2×2)'s (measured 1.5e-5 and 1.8e-5 here, on outputs of up to about ±10).
         let tolerance = if h * w >= 4096 { 3e-5 } else { 1e-5 };
@@ -422,18 +431,8 @@ fn unfolded_conv2d_matches_candle_forward_and_backward() {
         (2, 4, 3, 3, 2, 0, 9, 11),
         (2, 4, 5, 3, 2, 1, 8, 8),
     ];
-    for (i, &(b, cin, cout, k, stride, pad, h, w)) in cases.iter().enumerate() {
-        let xs = values(&[b, cin, h, w], 80 + i as u64, 1.0);
-        let weight = values(&[cout, cin, k, k], 90 + i as u64, 0.5);
-        let bias = values(&[cout], 100 + i as u64, 0.5);
-        let (out_err, grad_err) = compare(&[xs, weight, bias], |t| {
-            let f = if t[0].dtype() == DType::F64 {
-                kernels::conv2d_composed
-            } else {
-                kernels::conv2d_unfolded
-            };
-            f(&t[0], &t[1], &t[2], stride, pad)
-        });
+    for (i, &case) in cases.iter().enumerate() {
+        let (out_err, grad_err) = conv_errors(case, 80 + i as u64, kernels::conv2d_unfolded);
         assert!(out_err < 1e-5, "case {i}: forward error {out_err}");
         assert!(grad_err < 1e-5, "case {i}: gradient error {grad_err}");
     }
