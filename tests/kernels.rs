@@ -386,15 +386,21 @@ fn conv_errors(case: ConvCase, seed: u64, conv: Conv) -> (f64, f64) {
 fn conv2d_matches_candle_forward_and_backward() {
     // (batch, c_in, c_out, kernel, stride, padding, h, w): SD's 3×3 same convs, the strided
     // downsampler with and without padding, 1×1 projections, an odd batch (the backward pass
-    // works in chunks of two images) and images narrower than a tile or many tiles tall; the
-    // last four take the Winograd path for 3×3 same convolutions (≥ 16 channels each way),
-    // F(2×2, 3×3) from 1024 pixels per image and F(4×4, 3×3) from 4096, odd sizes included;
-    // one thread and two.
+    // works in chunks of two images) and images narrower than a tile or many tiles tall;
+    // small images grouped several to a work item (16 pixels: 16 images to a group, 19 = a
+    // full group and a partial one; strided and 1×1 too), an unpadded 3×3 (its input
+    // gradient a convolution padded by 2); the last four take the Winograd path for 3×3 same
+    // convolutions (≥ 16 channels each way), F(2×2, 3×3) from 1024 pixels per image and
+    // F(4×4, 3×3) from 4096, odd sizes included; one thread and two.
     let cases = [
         (2, 3, 4, 3, 1, 1, 7, 8),
         (3, 5, 6, 1, 1, 0, 5, 6),
         (1, 4, 4, 3, 2, 1, 9, 11),
         (2, 4, 3, 3, 2, 0, 9, 11),
+        (19, 6, 5, 3, 1, 1, 4, 4),
+        (5, 4, 3, 3, 2, 1, 8, 8),
+        (5, 3, 4, 1, 1, 0, 6, 6),
+        (3, 4, 5, 3, 1, 0, 6, 7),
         (1, 2, 3, 3, 1, 1, 40, 9),
         (2, 64, 32, 3, 1, 1, 6, 6),
         (1, 16, 24, 3, 1, 1, 33, 33),
@@ -417,6 +423,33 @@ fn conv2d_matches_candle_forward_and_backward() {
         let tolerance = if h * w >= 4096 { 3e-5 } else { 1e-5 };
         assert!(out_err < tolerance, "case {i}: forward error {out_err}");
         assert!(grad_err < 1e-5, "case {i}: gradient error {grad_err}");
+    }
+}
+
+#[test]
+fn inference_convolution_of_an_image_does_not_depend_on_its_batch() {
+    // Without a gradient, each image is its own product (one tile per image), so an image
+    // comes out bit for bit the same alone or batched. Training groups small images into one
+    // product, which for the 64-channel 8×8 case here sums in another order (checked: this
+    // test fails with grouping switched on in inference).
+    for (c_in, c_out, size) in [(8, 12, 4), (64, 64, 8)] {
+        let batch = values(&[3, c_in, size, size], 7, 1.0)
+            .to_dtype(DType::F32)
+            .unwrap();
+        let weight = values(&[c_out, c_in, 3, 3], 8, 0.5)
+            .to_dtype(DType::F32)
+            .unwrap();
+        let bias = values(&[c_out], 9, 0.5).to_dtype(DType::F32).unwrap();
+        let batched = kernels::conv2d(&batch, &weight, &bias, 1, 1).unwrap();
+        for i in 0..3 {
+            let alone =
+                kernels::conv2d(&batch.narrow(0, i, 1).unwrap(), &weight, &bias, 1, 1).unwrap();
+            assert_eq!(
+                max_diff(&alone, &batched.narrow(0, i, 1).unwrap()),
+                0.0,
+                "image {i} of {size}×{size}"
+            );
+        }
     }
 }
 

@@ -8,8 +8,8 @@
 //! (`Y = Aᵀ M A`). F(2×2, 3×3) saves 2.25× of the multiplications, F(4×4, 3×3) 4×, but its
 //! transformed kernels are 36 values per channel pair, written on every call: it pays only over
 //! larger images. These are most of the convolutions of SD's U-Net and VAE. In training, the
-//! input gradient is such a convolution too (of the output gradient, with the kernel flipped
-//! and transposed) and takes the same path; the kernel gradient keeps the im2col products.
+//! input gradient is such a convolution too (see `conv2d`) and takes the same path; the
+//! kernel gradient keeps the im2col products.
 
 use std::cell::Cell;
 
@@ -113,27 +113,6 @@ impl Winograd {
             };
         });
         TRANSFORMED_KERNELS.with(|cell| cell.set(kernels));
-    }
-
-    /// The input gradient `dx` `[batch, c_in, h, w]` of this convolution from the output
-    /// gradient `grad` `[batch, c_out, h, w]`: itself a 3×3 same convolution, of `grad` with
-    /// the kernel flipped in space and its channel roles swapped, so the same path computes it.
-    pub fn input_gradient(&self, grad: &[f32], weight: &[f32], dx: &mut [f32]) {
-        let mut flipped = vec![0f32; weight.len()];
-        for (o, kernels) in weight.chunks_exact(9 * self.c_in).enumerate() {
-            for (i, g) in kernels.chunks_exact(9).enumerate() {
-                let at = (i * self.c_out + o) * 9;
-                for (t, &value) in g.iter().enumerate() {
-                    flipped[at + 8 - t] = value;
-                }
-            }
-        }
-        let transposed = Self {
-            c_in: self.c_out,
-            c_out: self.c_in,
-            ..*self
-        };
-        transposed.forward(grad, &flipped, &vec![0.0; self.c_in], dx);
     }
 
     /// `U_ξ` for every output channel into `u` (resized; every value is written):

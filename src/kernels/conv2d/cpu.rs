@@ -1,0 +1,245 @@
+//! The CPU passes of the convolution: forward, input gradient and kernel gradient, as matrix
+//! products over im2col columns (Winograd's products where they pay).
+//!
+//! Each work item is a tile of output rows of one image or, where a gradient flows, several
+//! whole small images side by side (training's 16×16 to 4×4 latents give products of a useful
+//! width that way; see `Geometry::group_images` for why not in inference). A single-image
+//! tile is written straight into the NCHW output; a group is computed into a scratch buffer
+//! and copied out per image.
+
+use rayon::prelude::*;
+
+use super::super::gemm::{matmul, matmul_raw, Matrix, SharedOut};
+use super::super::winograd::Winograd;
+use super::super::{for_each_work_item, simd, with_scratch};
+use super::geometry::{Geometry, Tile};
+
+/// Batch items per kernel-gradient work item at least (more for small images: a whole
+/// group); fixed, so that weight gradients are summed in the same order on every machine.
+const BATCH_CHUNK: usize = 2;
+
+/// `out` `[batch, c_out, out_h, out_w]` = conv(`xs`, `weight`) + `bias`; every value of
+/// `out` is written.
+pub(super) fn forward(g: &Geometry, xs: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32]) {
+    if let Some(winograd) = g.winograd().filter(Winograd::worthwhile) {
+        return winograd.forward(xs, weight, bias, out);
+    }
+    let kernel = Matrix::rows(weight, g.c_out, g.patch_len(), g.patch_len());
+    let shared = SharedOut(out.as_mut_ptr());
+    let shared = &shared;
+    for_each_work_item(&g.tiles(0..g.batch), |tile, gemm_threads| {
+        let n = g.tile_pixels(tile);
+        let columns_of = |f: &mut dyn FnMut(Matrix<'_>)| input_columns(g, xs, tile, f);
+        if tile.images == 1 {
+            let offset = tile.first_image * g.out_len() + tile.first_row * g.out_w;
+            // The tile starts as the bias; the product is accumulated onto it.
+            for (c, &value) in bias.iter().enumerate() {
+                // SAFETY: row c of this tile lies inside `out` and belongs to this item only.
+                unsafe {
+                    std::slice::from_raw_parts_mut(shared.0.add(offset + c * g.out_pixels()), n)
+                }
+                .fill(value);
+            }
+            // SAFETY: the tile's rows (c_out rows of n values, out_pixels apart) are inside
+            // `out` and written by this item only.
+            columns_of(&mut |columns| unsafe {
+                matmul_raw(
+                    shared.0.add(offset),
+                    g.out_pixels(),
+                    kernel,
+                    columns,
+                    1.0,
+                    true,
+                    gemm_threads,
+                )
+            });
+            return;
+        }
+        let width = n * tile.images;
+        with_scratch(g.c_out * width, |product| {
+            columns_of(&mut |columns| {
+                // SAFETY: `product` holds c_out rows of `width` values.
+                unsafe {
+                    matmul_raw(
+                        product.as_mut_ptr(),
+                        width,
+                        kernel,
+                        columns,
+                        1.0,
+                        false,
+                        gemm_threads,
+                    )
+                }
+            });
+            for i in 0..tile.images {
+                let image_out = (tile.first_image + i) * g.out_len();
+                for (c, &value) in bias.iter().enumerate() {
+                    // SAFETY: image `first_image + i` belongs to this item only.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            shared.0.add(image_out + c * g.out_pixels()),
+                            n,
+                        )
+                    };
+                    let src = &product[c * width + i * n..][..n];
+                    for (d, &s) in dst.iter_mut().zip(src) {
+                        *d = s + value;
+                    }
+                }
+            }
+        });
+    });
+}
+
+/// The input gradient `dx` `[batch, c_in, h, w]` from the output gradient `grad`; every
+/// value of `dx` is written.
+pub(super) fn input_gradient(g: &Geometry, grad: &[f32], weight: &[f32], dx: &mut [f32]) {
+    if let Some(transposed) = g.transposed() {
+        let flipped = flipped_and_swapped(g, weight);
+        return forward(&transposed, grad, &flipped, &vec![0.0; g.c_in], dx);
+    }
+    // Strided: `Wᵀ dY` scattered back by col2im. A group's tiles add into the same images,
+    // so each group is one task.
+    dx.fill(0.0);
+    let kernel = Matrix::rows(weight, g.c_out, g.patch_len(), g.patch_len());
+    let per_group = g.images_per_tile();
+    dx.par_chunks_mut(per_group * g.image_len())
+        .enumerate()
+        .for_each(|(group, dx)| {
+            let first = group * per_group;
+            for tile in g.tiles(first..(first + per_group).min(g.batch)) {
+                let n = g.tile_pixels(&tile);
+                let width = n * tile.images;
+                output_columns(g, grad, &tile, &mut |dy| {
+                    with_scratch(g.patch_len() * width, |dcols| {
+                        matmul(dcols, width, kernel.t(), dy, 1.0, false);
+                        for i in 0..tile.images {
+                            let image = &mut dx[(tile.first_image - first + i) * g.image_len()..];
+                            g.col2im_add(&dcols[i * n..], width, tile.first_row, tile.rows, image);
+                        }
+                    })
+                });
+            }
+        });
+}
+
+/// The kernel and bias gradients as per-chunk partial sums: `(dweight, dbias, chunks)` with
+/// `chunks` slices of `[c_out, patch_len]` and `[c_out]` values, to be summed in order.
+pub(super) fn kernel_gradient(
+    g: &Geometry,
+    xs: &[f32],
+    grad: &[f32],
+) -> (Vec<f32>, Vec<f32>, usize) {
+    let patch = g.patch_len();
+    let chunk_images = BATCH_CHUNK.max(g.images_per_tile());
+    let chunks = g.batch.div_ceil(chunk_images);
+    let mut dweight = vec![0f32; chunks * g.c_out * patch];
+    let mut dbias = vec![0f32; chunks * g.c_out];
+    // Few chunks (a small batch): each product split across the threads instead.
+    let gemm_threads = if chunks >= rayon::current_num_threads() {
+        1
+    } else {
+        rayon::current_num_threads()
+    };
+    dweight
+        .par_chunks_mut(g.c_out * patch)
+        .zip(dbias.par_chunks_mut(g.c_out))
+        .enumerate()
+        .for_each(|(chunk, (dweight, dbias))| {
+            let first = chunk * chunk_images;
+            let images = first..(first + chunk_images).min(g.batch);
+            for b in images.clone() {
+                let dy_image = &grad[b * g.out_len()..(b + 1) * g.out_len()];
+                for (c, db) in dbias.iter_mut().enumerate() {
+                    *db += simd::sum(&dy_image[c * g.out_pixels()..(c + 1) * g.out_pixels()]);
+                }
+            }
+            for tile in g.tiles(images) {
+                output_columns(g, grad, &tile, &mut |dy| {
+                    input_columns(g, xs, &tile, &mut |columns| {
+                        // SAFETY: `dweight` is this chunk's own `[c_out, patch]` slice.
+                        unsafe {
+                            matmul_raw(
+                                dweight.as_mut_ptr(),
+                                patch,
+                                dy,
+                                columns.t(),
+                                1.0,
+                                true,
+                                gemm_threads,
+                            )
+                        }
+                    })
+                });
+            }
+        });
+    (dweight, dbias, chunks)
+}
+
+/// The kernel `[c_in, c_out, kh, kw]` of the transposed convolution: `weight` flipped in
+/// space, its channel roles swapped.
+fn flipped_and_swapped(g: &Geometry, weight: &[f32]) -> Vec<f32> {
+    let taps = g.kh * g.kw;
+    let mut flipped = vec![0f32; weight.len()];
+    for (o, kernels) in weight.chunks_exact(taps * g.c_in).enumerate() {
+        for (i, kernel) in kernels.chunks_exact(taps).enumerate() {
+            let at = (i * g.c_out + o) * taps;
+            for (t, &value) in kernel.iter().enumerate() {
+                flipped[at + taps - 1 - t] = value;
+            }
+        }
+    }
+    flipped
+}
+
+/// Runs `f` on the tile's im2col matrix `[patch_len, images · pixels]` (the input itself for
+/// a pointwise convolution of one image).
+fn input_columns(g: &Geometry, xs: &[f32], tile: &Tile, f: &mut dyn FnMut(Matrix<'_>)) {
+    let n = g.tile_pixels(tile);
+    let image = |i: usize| &xs[(tile.first_image + i) * g.image_len()..][..g.image_len()];
+    if g.is_pointwise() && tile.images == 1 {
+        return f(Matrix::rows(
+            &image(0)[tile.first_row * g.w..],
+            g.c_in,
+            n,
+            g.h * g.w,
+        ));
+    }
+    let width = n * tile.images;
+    with_scratch(g.patch_len() * width, |cols| {
+        for i in 0..tile.images {
+            g.im2col(
+                image(i),
+                tile.first_row,
+                tile.rows,
+                &mut cols[i * n..],
+                width,
+            );
+        }
+        f(Matrix::rows(cols, g.patch_len(), width, width))
+    })
+}
+
+/// Runs `f` on the tile's output gradient as a `[c_out, images · pixels]` matrix (gathered
+/// into a scratch buffer for a group of images).
+fn output_columns(g: &Geometry, grad: &[f32], tile: &Tile, f: &mut dyn FnMut(Matrix<'_>)) {
+    let n = g.tile_pixels(tile);
+    let image = |i: usize| &grad[(tile.first_image + i) * g.out_len()..][..g.out_len()];
+    if tile.images == 1 {
+        return f(Matrix::rows(
+            &image(0)[tile.first_row * g.out_w..],
+            g.c_out,
+            n,
+            g.out_pixels(),
+        ));
+    }
+    let width = n * tile.images;
+    with_scratch(g.c_out * width, |dy| {
+        for i in 0..tile.images {
+            for c in 0..g.c_out {
+                dy[c * width + i * n..][..n].copy_from_slice(&image(i)[c * g.out_pixels()..][..n]);
+            }
+        }
+        f(Matrix::rows(dy, g.c_out, width, width))
+    })
+}
