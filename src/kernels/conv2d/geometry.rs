@@ -211,20 +211,17 @@ impl Geometry {
         // per-segment bounds and `memcpy` calls cost more than the values).
         let (padded_w, padded_h) = (self.w + 2 * self.padding, rows + self.kh - 1);
         with_scratch(self.c_in * padded_h * padded_w, |padded| {
+            // One pass of zeros, then the rows that exist: no short fills per row.
+            padded.fill(0.0);
             for (c, plane) in padded.chunks_exact_mut(padded_h * padded_w).enumerate() {
                 let channel = &image[c * self.h * self.w..(c + 1) * self.h * self.w];
                 for (pr, row) in plane.chunks_exact_mut(padded_w).enumerate() {
-                    match (first + pr)
-                        .checked_sub(self.padding)
-                        .filter(|&iy| iy < self.h)
-                    {
-                        Some(iy) => {
-                            row[..self.padding].fill(0.0);
-                            row[self.padding + self.w..].fill(0.0);
-                            row[self.padding..self.padding + self.w]
-                                .copy_from_slice(&channel[iy * self.w..(iy + 1) * self.w]);
-                        }
-                        None => row.fill(0.0),
+                    let iy = (first + pr).checked_sub(self.padding);
+                    if let Some(iy) = iy.filter(|&iy| iy < self.h) {
+                        copy_short(
+                            &mut row[self.padding..self.padding + self.w],
+                            &channel[iy * self.w..(iy + 1) * self.w],
+                        );
                     }
                 }
             }
@@ -306,13 +303,19 @@ impl Geometry {
 }
 
 /// `dst = src` for short rows, in fixed-size blocks the compiler keeps in registers (no
-/// `memcpy` call per row).
+/// `memcpy` call per row; SD's 4×4 level copies rows of 4).
 fn copy_short(dst: &mut [f32], src: &[f32]) {
     let mut dst = dst.chunks_exact_mut(8);
     let mut src = src.chunks_exact(8);
     for (d, s) in (&mut dst).zip(&mut src) {
         let d: &mut [f32; 8] = d.try_into().expect("chunk of 8");
         *d = s.try_into().expect("chunk of 8");
+    }
+    let mut dst = dst.into_remainder().chunks_exact_mut(4);
+    let mut src = src.remainder().chunks_exact(4);
+    for (d, s) in (&mut dst).zip(&mut src) {
+        let d: &mut [f32; 4] = d.try_into().expect("chunk of 4");
+        *d = s.try_into().expect("chunk of 4");
     }
     for (d, s) in dst.into_remainder().iter_mut().zip(src.remainder()) {
         *d = *s;
