@@ -16,7 +16,10 @@ the same loss (v-prediction MSE), AdamW(lr 5e-4), clip_grad_norm_(1.0) and zero_
 per-step time is the mean over --steps steps after 2 warm-up steps (on a GPU, with the device
 synchronised before and after; PyTorch's defaults, so cuDNN may use TF32 for convolutions).
 With --repeat R the two sides alternate R times and the table gives medians (the ratio column:
-the median of the per-run ratios), which tames a shared machine's swings.
+the median of the per-run ratios), which tames a shared machine's swings. The median-step
+columns compare single steps instead (ldm's read off the times its losses.csv rows appear,
+steps 3 onwards; PyTorch's each timed): a burst of another process's load then spoils a few
+steps rather than the whole difference of two runs.
 Ratio = PyTorch s/step / ldm s/step (above 1: ldm is faster), for wall time and for CPU time
 (user + system; the robust measure when other processes share the machine, with --threads 1). --record appends the table to the
 "## Training" section of BENCHMARKS.md.
@@ -66,8 +69,10 @@ def make_data(folder: Path, count: int = 64) -> None:
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def run_ldm(args, data: Path, out: Path, steps: int) -> tuple[float, float]:
-    """(wall s, CPU s) of one `ldm train` run."""
+def run_ldm(args, data: Path, out: Path, steps: int) -> tuple[float, float, list[float]]:
+    """(wall s, CPU s, per-step s) of one `ldm train` run. The per-step times are read off
+    losses.csv, which ldm appends to and flushes after every step: the time each new row
+    appears (polled every 5 ms) minus the previous one's."""
     shutil.rmtree(out, ignore_errors=True)
     weights = Path(args.weights)
     cmd = [args.ldm, "train", "--data", str(data), "--vae", str(weights / "vae"), "--tokenizer",
@@ -75,8 +80,23 @@ def run_ldm(args, data: Path, out: Path, steps: int) -> tuple[float, float]:
            *RECIPE]
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
     start, cpu = time.perf_counter(), children_cpu()
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start, children_cpu() - cpu
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    losses, size, rows, finished = out / "losses.csv", -1, 0, []
+    while process.poll() is None:
+        time.sleep(0.005)
+        try:
+            now_size = losses.stat().st_size
+        except FileNotFoundError:
+            continue
+        if now_size != size:
+            size, now = now_size, time.perf_counter()
+            count = max(len(losses.read_text().splitlines()) - 1, 0)
+            finished += [now] * (count - rows)
+            rows = count
+    if process.returncode != 0:
+        sys.exit(f"ldm train failed ({process.returncode}): {' '.join(cmd)}")
+    wall, cpu = time.perf_counter() - start, children_cpu() - cpu
+    return wall, cpu, [b - a for a, b in zip(finished, finished[1:])]
 
 
 def children_cpu() -> float:
@@ -84,8 +104,8 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_torch(pipeline: Path, steps: int, threads: int, device: str) -> tuple[float, float]:
-    """(wall s, CPU s) per step."""
+def run_torch(pipeline: Path, steps: int, threads: int, device: str) -> tuple[float, float, list[float]]:
+    """(wall s, CPU s) per step, and each step's wall time."""
     import torch
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -124,10 +144,14 @@ def run_torch(pipeline: Path, steps: int, threads: int, device: str) -> tuple[fl
         step()
     synchronise()
     start, cpu = time.perf_counter(), time.process_time()
+    step_times = []
     for _ in range(steps):
+        begin = time.perf_counter()
         step()
-    synchronise()
-    return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
+        synchronise()
+        step_times.append(time.perf_counter() - begin)
+    wall, cpu = (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
+    return wall, cpu, step_times
 
 
 def main() -> None:
@@ -151,21 +175,30 @@ def main() -> None:
         for _ in range(args.repeat):
             short = run_ldm(args, tmp / "data", tmp / "short", 2)
             long = run_ldm(args, tmp / "data", tmp / "long", 2 + args.steps)
-            ldm_wall, ldm_cpu = ((b - a) / args.steps for a, b in zip(short, long))
-            torch_wall, torch_cpu = run_torch(tmp / "long", args.steps, args.threads, args.device)
-            runs.append((ldm_wall, torch_wall, ldm_cpu, torch_cpu))
-            print(f"run {len(runs)}: ldm {ldm_wall:.3f} s/step (CPU {ldm_cpu:.3f}), PyTorch "
-                  f"{torch_wall:.3f} (CPU {torch_cpu:.3f}): {torch_wall / ldm_wall:.2f}x", flush=True)
-    ldm_wall, torch_wall, ldm_cpu, torch_cpu = (statistics.median(column) for column in zip(*runs))
-    wall_ratio = statistics.median(t / l for l, t, _, _ in runs)
-    cpu_ratio = statistics.median(t / l for _, _, l, t in runs)
+            ldm_wall, ldm_cpu = ((b - a) / args.steps for a, b in zip(short[:2], long[:2]))
+            # Steps 3 onwards (the first two also build the latent cache and touch memory).
+            ldm_median = statistics.median(long[2][1:])
+            torch_wall, torch_cpu, torch_steps = run_torch(tmp / "long", args.steps, args.threads, args.device)
+            torch_median = statistics.median(torch_steps)
+            runs.append((ldm_wall, torch_wall, ldm_cpu, torch_cpu, ldm_median, torch_median))
+            print(f"run {len(runs)}: ldm {ldm_wall:.3f} s/step (CPU {ldm_cpu:.3f}, median step "
+                  f"{ldm_median:.3f}), PyTorch {torch_wall:.3f} (CPU {torch_cpu:.3f}, median step "
+                  f"{torch_median:.3f}): {torch_wall / ldm_wall:.2f}x, median steps "
+                  f"{torch_median / ldm_median:.2f}x", flush=True)
+    ldm_wall, torch_wall, ldm_cpu, torch_cpu, ldm_median, torch_median = (
+        statistics.median(column) for column in zip(*runs))
+    wall_ratio = statistics.median(r[1] / r[0] for r in runs)
+    cpu_ratio = statistics.median(r[3] / r[2] for r in runs)
+    median_ratio = statistics.median(r[5] / r[4] for r in runs)
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     where = f"{args.threads} thread(s)" if args.device == "cpu" else args.device
     table = (
         "| case | ldm s/step | PyTorch s/step | speedup (PyTorch/ldm) | ldm CPU s/step | PyTorch CPU s/step "
-        "| CPU-time speedup |\n|---|---|---|---|---|---|---|\n"
+        "| CPU-time speedup | ldm median step s | PyTorch median step s | median-step speedup |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
         f"| default-model recipe, batch 32, {where} | {ldm_wall:.3f} | {torch_wall:.3f} "
-        f"| **{wall_ratio:.2f}x** | {ldm_cpu:.3f} | {torch_cpu:.3f} | {cpu_ratio:.2f}x |\n"
+        f"| **{wall_ratio:.2f}x** | {ldm_cpu:.3f} | {torch_cpu:.3f} | {cpu_ratio:.2f}x "
+        f"| {ldm_median:.3f} | {torch_median:.3f} | {median_ratio:.2f}x |\n"
     )
     print(table)
     print(f"median of {args.repeat} interleaved run(s); load average {load}")
