@@ -8,7 +8,8 @@ use super::super::with_scratch;
 
 /// Output pixels per work item: enough columns for an efficient product, few enough that
 /// `c_in·9 × TILE_PIXELS` columns stay a few MiB. Larger images are cut into tiles of whole
-/// output rows; smaller ones are grouped, several whole images to an item.
+/// output rows; smaller ones are grouped, several whole images to an item, where
+/// [`Geometry::group_images`] allows.
 const TILE_PIXELS: usize = 256;
 
 /// The sizes of one convolution.

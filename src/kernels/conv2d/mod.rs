@@ -140,7 +140,6 @@ struct Conv2dOp {
     group_images: bool,
 }
 
-/// The output buffer shared by the forward tasks, each writing its own tile.
 impl CustomOp3 for Conv2dOp {
     fn name(&self) -> &'static str {
         "ldm-conv2d"
