@@ -107,9 +107,7 @@ pub fn internal_dtype(dtype: DType) -> DType {
 const ROW_CHUNKS: usize = 64;
 
 thread_local! {
-    /// Per-thread scratch buffers, one per level of nesting in use (a convolution tile's
-    /// product, its columns and its padded rows are three), kept between calls.
-    static SCRATCH: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Runs `run(item, gemm_threads)` for every work item: side by side on the pool, or, with
@@ -129,14 +127,20 @@ fn for_each_work_item<T: Sync>(items: &[T], run: impl Fn(&T, usize) + Sync) {
 /// across calls so that per-tile buffers of several MiB are not allocated and page-faulted
 /// in again for every tile. Nested calls get their own buffer.
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    let mut buffer = SCRATCH.with(|stack| stack.borrow_mut().pop().unwrap_or_default());
+    let mut buffer = SCRATCH.with(|cell| cell.take());
     if buffer.len() < len {
         buffer.resize(len, 0.0);
     }
     let result = f(&mut buffer[..len]);
-    // Nested calls (and tasks this thread ran while waiting inside `f`) have pushed back
-    // what they popped, so this buffer returns to the level it came from.
-    SCRATCH.with(|stack| stack.borrow_mut().push(buffer));
+    SCRATCH.with(|cell| {
+        // Keep the larger buffer when a nested call left one behind.
+        let other = cell.take();
+        cell.set(if other.len() > buffer.len() {
+            other
+        } else {
+            buffer
+        });
+    });
     result
 }
 
