@@ -206,15 +206,12 @@ fn input_columns(g: &Geometry, xs: &[f32], tile: &Tile, f: &mut dyn FnMut(Matrix
         ));
     }
     let width = n * tile.images;
-    with_scratch(g.patch_len() * width, |cols| {
+    let cols_len = g.patch_len() * width;
+    with_scratch(cols_len + g.padded_len(tile.rows), |buffer| {
+        let (cols, padded) = buffer.split_at_mut(cols_len);
         for i in 0..tile.images {
-            g.im2col(
-                image(i),
-                tile.first_row,
-                tile.rows,
-                &mut cols[i * n..],
-                width,
-            );
+            let rows = (tile.first_row, tile.rows);
+            g.im2col(image(i), rows, &mut cols[i * n..], width, padded);
         }
         f(Matrix::rows(cols, g.patch_len(), width, width))
     })

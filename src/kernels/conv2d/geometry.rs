@@ -4,7 +4,6 @@
 use candle_core::{bail, Result};
 
 use super::super::winograd::Winograd;
-use super::super::with_scratch;
 
 /// Output pixels per work item: enough columns for an efficient product, few enough that
 /// `c_in·9 × TILE_PIXELS` columns stay a few MiB. Larger images are cut into tiles of whole
@@ -194,15 +193,26 @@ impl Geometry {
         (k / (self.kh * self.kw), k / self.kw % self.kh, k % self.kw)
     }
 
+    /// Values of the zero-padded input rows [`Self::im2col`] works from, for tiles of `rows`
+    /// output rows (stride 1; 0 otherwise).
+    pub fn padded_len(&self, rows: usize) -> usize {
+        if self.stride != 1 {
+            return 0;
+        }
+        self.c_in * (rows + self.kh - 1) * (self.w + 2 * self.padding)
+    }
+
     /// im2col of output rows `first..first + rows` of one image `[c_in, h, w]` into the
     /// columns `cols`: im2col row `k` (`rows · out_w` values) at `cols[k · cols_stride..]`.
+    /// `padded` is scratch space of [`Self::padded_len`] values (the caller's, so that no
+    /// buffer is allocated per tile).
     pub fn im2col(
         &self,
         image: &[f32],
-        first: usize,
-        rows: usize,
+        (first, rows): (usize, usize),
         cols: &mut [f32],
         cols_stride: usize,
+        padded: &mut [f32],
     ) {
         if self.stride != 1 {
             return self.im2col_strided(image, first, rows, cols, cols_stride);
@@ -211,31 +221,30 @@ impl Geometry {
         // whole-width copy from it (SD's images are 4 to 64 pixels wide: short copies, where
         // per-segment bounds and `memcpy` calls cost more than the values).
         let (padded_w, padded_h) = (self.w + 2 * self.padding, rows + self.kh - 1);
-        with_scratch(self.c_in * padded_h * padded_w, |padded| {
-            // One pass of zeros, then the rows that exist: no short fills per row.
-            padded.fill(0.0);
-            for (c, plane) in padded.chunks_exact_mut(padded_h * padded_w).enumerate() {
-                let channel = &image[c * self.h * self.w..(c + 1) * self.h * self.w];
-                for (pr, row) in plane.chunks_exact_mut(padded_w).enumerate() {
-                    let iy = (first + pr).checked_sub(self.padding);
-                    if let Some(iy) = iy.filter(|&iy| iy < self.h) {
-                        copy_short(
-                            &mut row[self.padding..self.padding + self.w],
-                            &channel[iy * self.w..(iy + 1) * self.w],
-                        );
-                    }
+        let padded = &mut padded[..self.padded_len(rows)];
+        // One pass of zeros, then the rows that exist: no short fills per row.
+        padded.fill(0.0);
+        for (c, plane) in padded.chunks_exact_mut(padded_h * padded_w).enumerate() {
+            let channel = &image[c * self.h * self.w..(c + 1) * self.h * self.w];
+            for (pr, row) in plane.chunks_exact_mut(padded_w).enumerate() {
+                let iy = (first + pr).checked_sub(self.padding);
+                if let Some(iy) = iy.filter(|&iy| iy < self.h) {
+                    copy_short(
+                        &mut row[self.padding..self.padding + self.w],
+                        &channel[iy * self.w..(iy + 1) * self.w],
+                    );
                 }
             }
-            let n = rows * self.out_w;
-            for k in 0..self.patch_len() {
-                let (c, ky, kx) = self.tap(k);
-                let plane = &padded[c * padded_h * padded_w..(c + 1) * padded_h * padded_w];
-                let col = &mut cols[k * cols_stride..k * cols_stride + n];
-                for (r, seg) in col.chunks_exact_mut(self.out_w).enumerate() {
-                    copy_short(seg, &plane[(r + ky) * padded_w + kx..][..self.out_w]);
-                }
+        }
+        let n = rows * self.out_w;
+        for k in 0..self.patch_len() {
+            let (c, ky, kx) = self.tap(k);
+            let plane = &padded[c * padded_h * padded_w..(c + 1) * padded_h * padded_w];
+            let col = &mut cols[k * cols_stride..k * cols_stride + n];
+            for (r, seg) in col.chunks_exact_mut(self.out_w).enumerate() {
+                copy_short(seg, &plane[(r + ky) * padded_w + kx..][..self.out_w]);
             }
-        });
+        }
     }
 
     /// [`Self::im2col`] for strided convolutions (SD's downsamplers), value by value.
