@@ -126,7 +126,9 @@ fn check_finite_difference(input: &Tensor, op: impl Fn(&Tensor) -> Result<Tensor
 #[test]
 fn attention_matches_composed_ops_forward_and_backward() {
     // (batch, q_len, kv_len, heads, head_dim, causal): SD's head dims 40/64/80/160, lengths that
-    // are not multiples of the 64-query block, cross-attention (77 keys), CLIP's causal mask.
+    // are not multiples of the 64-query block, cross-attention (77 keys), CLIP's causal mask,
+    // and more keys than one 512-key block of the forward's online softmax (the last block
+    // partial; causal rows that see none of a later block).
     let cases = [
         (2, 70, 70, 2, 40, false),
         (1, 129, 77, 3, 64, false),
@@ -134,6 +136,8 @@ fn attention_matches_composed_ops_forward_and_backward() {
         (1, 65, 65, 2, 160, false),
         (2, 77, 77, 4, 16, true),
         (1, 1, 1, 1, 8, true),
+        (1, 70, 1100, 2, 40, false),
+        (1, 600, 600, 1, 8, true),
     ];
     for (i, &(b, l, s, h, d, causal)) in cases.iter().enumerate() {
         let q = values(&[b, l, h * d], 3 * i as u64, 2.0);

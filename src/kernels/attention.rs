@@ -1,10 +1,14 @@
 //! Scaled dot-product attention as one fused CPU operation, forward and backward.
 //!
-//! Work is split over (batch, head, block of `QUERY_BLOCK` queries): each block's scores
-//! against all keys live in a per-task scratch buffer (`QUERY_BLOCK × keys`), so the
+//! Work is split over (batch, head, block of `QUERY_BLOCK` queries). Each block walks the keys
+//! `KEY_BLOCK` at a time with an online softmax (FlashAttention's scheme): the scores of one
+//! key block live in a per-task scratch tile that stays in L2 cache, the running maximum and
+//! total of each query row rescale what the earlier key blocks added to the output, and the
+//! division by the total happens once, on the `head_dim`-wide output row. So the
 //! `[batch·heads, L, L]` score matrix is never materialised (1 GiB per tensor for SD at 512²
-//! in f32), the softmax is one pass over a buffer in cache, and each product is one
-//! single-threaded gemm on strided views of q/k/v: no transposes, no `contiguous()` copies.
+//! in f32), each score is read twice after its product writes it (max, then exp-and-sum)
+//! before the product with the values, and each product is one single-threaded gemm on
+//! strided views of q/k/v: no transposes, no `contiguous()` copies.
 //! The backward pass recomputes the probabilities from the saved log-sum-exp (as
 //! FlashAttention and PyTorch's CPU kernel do) and parallelises over (batch, head).
 
@@ -16,8 +20,13 @@ use rayon::prelude::*;
 use super::gemm::{matmul, matmul_raw, Matrix, SharedOut};
 use super::{cpu_f32, simd, uses_cpu_kernel, uses_gpu_kernel, with_scratch};
 
-/// Queries per work item: small enough that `QUERY_BLOCK × keys` scores stay in L2 cache.
+/// Queries per work item.
 const QUERY_BLOCK: usize = 64;
+
+/// Keys per step of the forward's online softmax: a `QUERY_BLOCK × KEY_BLOCK` score tile is
+/// 128 KiB, which stays in L2 cache with the key block beside it (a whole 4096-key row block,
+/// as SD at 512² has, was 1 MiB and spilled).
+const KEY_BLOCK: usize = 512;
 
 /// Softmax(q kᵀ / √d) v over `heads` heads.
 ///
@@ -263,15 +272,96 @@ impl AttentionOp {
         }
     }
 
-    /// Scaled scores of queries `start..start+rows` against the visible keys, causally masked.
-    fn scores(&self, scores: &mut [f32], q: Matrix, k: Matrix, start: usize, scale: f32) {
+    /// Scaled scores of queries `start..start+rows` against keys `first_key..first_key+k.rows`,
+    /// causally masked.
+    fn scores(
+        &self,
+        scores: &mut [f32],
+        q: Matrix,
+        k: Matrix,
+        start: usize,
+        first_key: usize,
+        scale: f32,
+    ) {
         let keys = k.rows;
         matmul(scores, keys, q, k.t(), scale, false);
         if self.causal {
             for (row, scores) in scores.chunks_exact_mut(keys).enumerate() {
-                scores[start + row + 1..].fill(f32::NEG_INFINITY);
+                let visible = (start + row + 1).saturating_sub(first_key).min(keys);
+                scores[visible..].fill(f32::NEG_INFINITY);
             }
         }
+    }
+
+    /// Attention of the query block `q` (queries `start..`) over the keys `k` and values `v`,
+    /// written to `dst` (rows `dst_stride` apart), with each row's log-sum-exp in `lse`.
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of `q.rows` rows of `v.cols` values, `dst_stride` apart,
+    /// that no other thread accesses during the call.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn attend_block(
+        &self,
+        q: Matrix,
+        k: HeadsView,
+        v: HeadsView,
+        (batch, head, start): (usize, usize, usize),
+        keys: usize,
+        scale: f32,
+        dst: *mut f32,
+        dst_stride: usize,
+        lse: &mut [f32],
+    ) {
+        let rows = q.rows;
+        let mut max = [f32::NEG_INFINITY; QUERY_BLOCK];
+        let mut total = [0f32; QUERY_BLOCK];
+        with_scratch(rows * KEY_BLOCK.min(keys), |tile| {
+            for first in (0..keys).step_by(KEY_BLOCK) {
+                let width = KEY_BLOCK.min(keys - first);
+                let tile = &mut tile[..rows * width];
+                self.scores(
+                    tile,
+                    q,
+                    k.rows(batch, head, first, width),
+                    start,
+                    first,
+                    scale,
+                );
+                for (r, row) in tile.chunks_exact_mut(width).enumerate() {
+                    let rescale;
+                    (max[r], total[r], rescale) = simd::online_softmax_block(row, max[r], total[r]);
+                    if first > 0 && rescale != 1.0 {
+                        // SAFETY: row r of the block, inside the caller's region.
+                        unsafe { scale_row(dst.add(r * dst_stride), v.head_dim, rescale) };
+                    }
+                }
+                let probs = Matrix::rows(tile, rows, width, width);
+                let values = v.rows(batch, head, first, width);
+                // SAFETY: the caller's contract.
+                unsafe { matmul_raw(dst, dst_stride, probs, values, 1.0, first > 0, 1) };
+            }
+        });
+        for r in 0..rows {
+            lse[r] = if total[r] > 0.0 {
+                // SAFETY: as above.
+                unsafe { scale_row(dst.add(r * dst_stride), v.head_dim, 1.0 / total[r]) };
+                max[r] + total[r].ln()
+            } else {
+                // A fully masked row attends to nothing (its output stayed zero).
+                f32::NEG_INFINITY
+            };
+        }
+    }
+}
+
+/// `row[..len] *= factor`.
+///
+/// # Safety
+/// `row` must be valid for reads and writes of `len` values.
+unsafe fn scale_row(row: *mut f32, len: usize, factor: f32) {
+    // SAFETY: the caller's contract.
+    for x in unsafe { std::slice::from_raw_parts_mut(row, len) } {
+        *x *= factor;
     }
 }
 
@@ -314,21 +404,24 @@ impl CustomOp3 for AttentionOp {
                         let start = block * QUERY_BLOCK;
                         let rows = lse.len();
                         let keys = self.visible_keys(start + rows, k.len);
-                        with_scratch(rows * keys, |probs| {
-                            let q_rows = q.rows(b, h, start, rows);
-                            self.scores(probs, q_rows, k.rows(b, h, 0, keys), start, scale);
-                            for (row, lse) in probs.chunks_exact_mut(keys).zip(lse.iter_mut()) {
-                                *lse = simd::softmax_in_place(row);
-                            }
-                            let probs = Matrix::rows(probs, rows, keys, keys);
-                            let offset = (b * q_len + start) * width + h * head_dim;
-                            // SAFETY: rows start..start+rows of head h in batch b (rows
-                            // `width` apart) are inside `out` and written by this task only.
-                            unsafe {
-                                let dst = shared.0.add(offset);
-                                matmul_raw(dst, width, probs, v.rows(b, h, 0, keys), 1.0, false, 1)
-                            };
-                        });
+                        let q_rows = q.rows(b, h, start, rows);
+                        let offset = (b * q_len + start) * width + h * head_dim;
+                        // SAFETY: rows start..start+rows of head h in batch b (rows `width`
+                        // apart) are inside `out` and written by this task only.
+                        unsafe {
+                            let dst = shared.0.add(offset);
+                            self.attend_block(
+                                q_rows,
+                                k,
+                                v,
+                                (b, h, start),
+                                keys,
+                                scale,
+                                dst,
+                                width,
+                                lse,
+                            )
+                        };
                     });
             });
         }
@@ -385,7 +478,7 @@ impl CustomOp3 for AttentionOp {
                     let k_rows = kv.rows(b, h, 0, keys);
                     let g_rows = gv.rows(b, h, start, rows);
                     let mut probs = vec![0f32; rows * keys];
-                    self.scores(&mut probs, q_rows, k_rows, start, scale);
+                    self.scores(&mut probs, q_rows, k_rows, start, 0, scale);
                     for (row, &lse) in probs.chunks_exact_mut(keys).zip(&lse[start..]) {
                         if lse == f32::NEG_INFINITY {
                             row.fill(0.0);

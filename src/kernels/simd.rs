@@ -48,7 +48,8 @@ pub const LANES: usize = 16;
 /// (masked attention scores among them) give exactly 0, larger ones saturate. Never a
 /// subnormal: on Intel cores every arithmetic op on one costs a ~100-cycle microcode assist,
 /// and the ~1e-38 that masked scores once gave made CLIP's causal attention 8x slower there
-/// (its products with the values were subnormal). Branch-free so that it vectorises.
+/// (its products with the values were subnormal). Branch-free so that it vectorises; the
+/// fused multiply-adds are single instructions in the AVX2/AVX-512 builds (and on aarch64).
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -56,16 +57,25 @@ pub fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     let underflows = x < -87.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + 0.5).floor();
-    let r = x - n * LN2_HI - n * LN2_LO;
+    let n = x.mul_add(LOG2E, 0.5).floor();
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
     let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
-    let value = y * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
+        p = p.mul_add(r, c);
+    }
+    let y = (p * r).mul_add(r, r + 1.0);
+    // 2^n built in the float unit: adding 2^23 + 127 leaves the biased exponent n + 127
+    // (1..=254 after the clamp) in the low mantissa bits, and the shift moves it into the
+    // exponent field. A float-to-int `as` cast would saturate and check for NaN lane by lane,
+    // which kept every loop calling this scalar.
+    let two_to_n = f32::from_bits((n + 8_388_735.0).to_bits() << 23);
+    let value = y * two_to_n;
     if underflows {
         0.0
     } else {
@@ -183,6 +193,37 @@ multiversion! {
             *x *= inv;
         }
         max + total.ln()
+    }
+}
+
+multiversion! {
+    /// One block of an online (streaming) softmax over a row: raises the running maximum to
+    /// the block's, exponentiates the block in place against it, and returns the new maximum,
+    /// the new running total and the factor by which everything accumulated against the old
+    /// maximum must be scaled (1 when it did not move). A block that leaves the maximum at
+    /// `-inf` (all masked so far) becomes zeros.
+    pub fn online_softmax_block(row: &mut [f32], max_so_far: f32, total: f32) -> (f32, f32, f32) {
+        let new_max = max_so_far.max(max(row));
+        if new_max == f32::NEG_INFINITY {
+            row.fill(0.0);
+            return (new_max, total, 1.0);
+        }
+        let mut acc = [0f32; LANES];
+        let mut chunks = row.chunks_exact_mut(LANES);
+        for chunk in &mut chunks {
+            for (a, x) in acc.iter_mut().zip(chunk.iter_mut()) {
+                *x = exp(*x - new_max);
+                *a += *x;
+            }
+        }
+        let mut block_total = 0.0;
+        for x in chunks.into_remainder() {
+            *x = exp(*x - new_max);
+            block_total += *x;
+        }
+        block_total += acc.iter().sum::<f32>();
+        let rescale = if max_so_far == new_max { 1.0 } else { exp(max_so_far - new_max) };
+        (new_max, total * rescale + block_total, rescale)
     }
 }
 
