@@ -29,7 +29,7 @@ pub(super) fn forward(g: &Geometry, xs: &[f32], weight: &[f32], bias: &[f32], ou
     let shared = &shared;
     for_each_work_item(&g.tiles(0..g.batch), |tile, gemm_threads| {
         let n = g.tile_pixels(tile);
-        let columns_of = |f: &mut dyn FnMut(Matrix<'_>)| input_columns(g, xs, tile, f);
+        let columns_len = input_columns_len(g, tile);
         if tile.images == 1 {
             let offset = tile.first_image * g.out_len() + tile.first_row * g.out_w;
             // The tile starts as the bias; the product is accumulated onto it.
@@ -40,37 +40,34 @@ pub(super) fn forward(g: &Geometry, xs: &[f32], weight: &[f32], bias: &[f32], ou
                 }
                 .fill(value);
             }
-            // SAFETY: the tile's rows (c_out rows of n values, out_pixels apart) are inside
-            // `out` and written by this item only.
-            columns_of(&mut |columns| unsafe {
-                matmul_raw(
-                    shared.0.add(offset),
-                    g.out_pixels(),
-                    kernel,
-                    columns,
-                    1.0,
-                    true,
-                    gemm_threads,
-                )
-            });
-            return;
-        }
-        let width = n * tile.images;
-        with_scratch(g.c_out * width, |product| {
-            columns_of(&mut |columns| {
-                // SAFETY: `product` holds c_out rows of `width` values.
+            with_scratch(columns_len, |scratch| {
+                let columns = input_columns(g, xs, tile, scratch);
+                // SAFETY: the tile's rows (c_out rows of n values, out_pixels apart) are
+                // inside `out` and written by this item only.
                 unsafe {
+                    let dst = shared.0.add(offset);
                     matmul_raw(
-                        product.as_mut_ptr(),
-                        width,
+                        dst,
+                        g.out_pixels(),
                         kernel,
                         columns,
                         1.0,
-                        false,
+                        true,
                         gemm_threads,
                     )
                 }
             });
+            return;
+        }
+        let width = n * tile.images;
+        with_scratch(g.c_out * width + columns_len, |scratch| {
+            let (product, scratch) = scratch.split_at_mut(g.c_out * width);
+            let columns = input_columns(g, xs, tile, scratch);
+            // SAFETY: `product` holds c_out rows of `width` values.
+            unsafe {
+                let dst = product.as_mut_ptr();
+                matmul_raw(dst, width, kernel, columns, 1.0, false, gemm_threads)
+            };
             for i in 0..tile.images {
                 let image_out = (tile.first_image + i) * g.out_len();
                 for (c, &value) in bias.iter().enumerate() {
@@ -110,14 +107,15 @@ pub(super) fn input_gradient(g: &Geometry, grad: &[f32], weight: &[f32], dx: &mu
             for tile in g.tiles(first..(first + per_group).min(g.batch)) {
                 let n = g.tile_pixels(&tile);
                 let width = n * tile.images;
-                output_columns(g, grad, &tile, &mut |dy| {
-                    with_scratch(g.patch_len() * width, |dcols| {
-                        matmul(dcols, width, kernel.t(), dy, 1.0, false);
-                        for i in 0..tile.images {
-                            let image = &mut dx[(tile.first_image - first + i) * g.image_len()..];
-                            g.col2im_add(&dcols[i * n..], width, tile.first_row, tile.rows, image);
-                        }
-                    })
+                let dcols_len = g.patch_len() * width;
+                with_scratch(dcols_len + output_columns_len(g, &tile), |scratch| {
+                    let (dcols, scratch) = scratch.split_at_mut(dcols_len);
+                    let dy = output_columns(g, grad, &tile, scratch);
+                    matmul(dcols, width, kernel.t(), dy, 1.0, false);
+                    for i in 0..tile.images {
+                        let image = &mut dx[(tile.first_image - first + i) * g.image_len()..];
+                        g.col2im_add(&dcols[i * n..], width, tile.first_row, tile.rows, image);
+                    }
                 });
             }
         });
@@ -155,21 +153,16 @@ pub(super) fn kernel_gradient(
                 }
             }
             for tile in g.tiles(images) {
-                output_columns(g, grad, &tile, &mut |dy| {
-                    input_columns(g, xs, &tile, &mut |columns| {
-                        // SAFETY: `dweight` is this chunk's own `[c_out, patch]` slice.
-                        unsafe {
-                            matmul_raw(
-                                dweight.as_mut_ptr(),
-                                patch,
-                                dy,
-                                columns.t(),
-                                1.0,
-                                true,
-                                gemm_threads,
-                            )
-                        }
-                    })
+                let dy_len = output_columns_len(g, &tile);
+                with_scratch(dy_len + input_columns_len(g, &tile), |scratch| {
+                    let (dy, columns) = scratch.split_at_mut(dy_len);
+                    let dy = output_columns(g, grad, &tile, dy);
+                    let columns = input_columns(g, xs, &tile, columns);
+                    // SAFETY: `dweight` is this chunk's own `[c_out, patch]` slice.
+                    unsafe {
+                        let dst = dweight.as_mut_ptr();
+                        matmul_raw(dst, patch, dy, columns.t(), 1.0, true, gemm_threads)
+                    }
                 });
             }
         });
@@ -192,51 +185,72 @@ fn flipped_and_swapped(g: &Geometry, weight: &[f32]) -> Vec<f32> {
     flipped
 }
 
-/// Runs `f` on the tile's im2col matrix `[patch_len, images · pixels]` (the input itself for
-/// a pointwise convolution of one image).
-fn input_columns(g: &Geometry, xs: &[f32], tile: &Tile, f: &mut dyn FnMut(Matrix<'_>)) {
+/// Whether a tile's columns are the input itself (a pointwise convolution of one image).
+fn input_is_columns(g: &Geometry, tile: &Tile) -> bool {
+    g.is_pointwise() && tile.images == 1
+}
+
+/// Scratch values [`input_columns`] needs for `tile`.
+fn input_columns_len(g: &Geometry, tile: &Tile) -> usize {
+    if input_is_columns(g, tile) {
+        return 0;
+    }
+    g.patch_len() * g.tile_pixels(tile) * tile.images + g.padded_len(tile.rows)
+}
+
+/// The tile's im2col matrix `[patch_len, images · pixels]`, built in `scratch` (of
+/// [`input_columns_len`] values at least; one buffer per work item, as a nested scratch
+/// would allocate afresh on every call).
+fn input_columns<'a>(
+    g: &Geometry,
+    xs: &'a [f32],
+    tile: &Tile,
+    scratch: &'a mut [f32],
+) -> Matrix<'a> {
     let n = g.tile_pixels(tile);
     let image = |i: usize| &xs[(tile.first_image + i) * g.image_len()..][..g.image_len()];
-    if g.is_pointwise() && tile.images == 1 {
-        return f(Matrix::rows(
-            &image(0)[tile.first_row * g.w..],
-            g.c_in,
-            n,
-            g.h * g.w,
-        ));
+    if input_is_columns(g, tile) {
+        let pixels = &image(0)[tile.first_row * g.w..];
+        return Matrix::rows(pixels, g.c_in, n, g.h * g.w);
     }
     let width = n * tile.images;
     let cols_len = g.patch_len() * width;
-    with_scratch(cols_len + g.padded_len(tile.rows), |buffer| {
-        let (cols, padded) = buffer.split_at_mut(cols_len);
-        for i in 0..tile.images {
-            let rows = (tile.first_row, tile.rows);
-            g.im2col(image(i), rows, &mut cols[i * n..], width, padded);
-        }
-        f(Matrix::rows(cols, g.patch_len(), width, width))
-    })
+    let (cols, padded) = scratch.split_at_mut(cols_len);
+    for i in 0..tile.images {
+        let rows = (tile.first_row, tile.rows);
+        g.im2col(image(i), rows, &mut cols[i * n..], width, padded);
+    }
+    Matrix::rows(cols, g.patch_len(), width, width)
 }
 
-/// Runs `f` on the tile's output gradient as a `[c_out, images · pixels]` matrix (gathered
-/// into a scratch buffer for a group of images).
-fn output_columns(g: &Geometry, grad: &[f32], tile: &Tile, f: &mut dyn FnMut(Matrix<'_>)) {
+/// Scratch values [`output_columns`] needs for `tile`.
+fn output_columns_len(g: &Geometry, tile: &Tile) -> usize {
+    if tile.images == 1 {
+        return 0;
+    }
+    g.c_out * g.tile_pixels(tile) * tile.images
+}
+
+/// The tile's output gradient as a `[c_out, images · pixels]` matrix (gathered into
+/// `scratch`, of [`output_columns_len`] values at least, for a group of images).
+fn output_columns<'a>(
+    g: &Geometry,
+    grad: &'a [f32],
+    tile: &Tile,
+    scratch: &'a mut [f32],
+) -> Matrix<'a> {
     let n = g.tile_pixels(tile);
     let image = |i: usize| &grad[(tile.first_image + i) * g.out_len()..][..g.out_len()];
     if tile.images == 1 {
-        return f(Matrix::rows(
-            &image(0)[tile.first_row * g.out_w..],
-            g.c_out,
-            n,
-            g.out_pixels(),
-        ));
+        let pixels = &image(0)[tile.first_row * g.out_w..];
+        return Matrix::rows(pixels, g.c_out, n, g.out_pixels());
     }
     let width = n * tile.images;
-    with_scratch(g.c_out * width, |dy| {
-        for i in 0..tile.images {
-            for c in 0..g.c_out {
-                dy[c * width + i * n..][..n].copy_from_slice(&image(i)[c * g.out_pixels()..][..n]);
-            }
+    let dy = &mut scratch[..g.c_out * width];
+    for i in 0..tile.images {
+        for c in 0..g.c_out {
+            dy[c * width + i * n..][..n].copy_from_slice(&image(i)[c * g.out_pixels()..][..n]);
         }
-        f(Matrix::rows(dy, g.c_out, width, width))
-    })
+    }
+    Matrix::rows(dy, g.c_out, width, width)
 }

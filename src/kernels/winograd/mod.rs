@@ -231,18 +231,38 @@ impl Winograd {
                     continue;
                 };
                 let src = &image[c * plane + y * self.w..c * plane + (y + 1) * self.w];
-                // Padded column x + 1 holds input column x.
-                for (phase, dst) in phases.chunks_exact_mut(phase_len).enumerate() {
-                    let skip = (phase + m - 1) % m;
-                    let start = usize::from(phase == 0);
-                    for (d, &x) in dst[start..]
-                        .iter_mut()
-                        .zip(src.iter().skip(skip).step_by(m))
-                    {
-                        *d = x;
-                    }
+                match m {
+                    2 => split_row::<2>(src, phases, phase_len),
+                    4 => split_row::<4>(src, phases, phase_len),
+                    _ => unreachable!("Winograd schemes have m = 2 or 4"),
                 }
             }
+        }
+    }
+}
+
+/// One input row into its `M` column phases (`phase_len` values each) of the zero-padded
+/// row: padded column `x + 1` holds input column `x`, padded column `P` goes to phase
+/// `P % M` at index `P / M`. `M` is a constant so that each phase's gather is a fixed-stride
+/// loop the compiler vectorises (a run-time stride kept it one value at a time).
+#[inline(always)]
+fn split_row<const M: usize>(src: &[f32], phases: &mut [f32], phase_len: usize) {
+    for (phase, dst) in phases.chunks_exact_mut(phase_len).enumerate() {
+        // Input columns offset, offset + M, ... land at dst[start], dst[start + 1], ...
+        let offset = (phase + M - 1) % M;
+        let start = usize::from(phase == 0);
+        let Some(src) = src.get(offset..) else {
+            continue;
+        };
+        let chunks = src.chunks_exact(M);
+        let last = chunks.remainder().first();
+        let dst = &mut dst[start..];
+        let whole = chunks.len().min(dst.len());
+        for (d, chunk) in dst[..whole].iter_mut().zip(chunks) {
+            *d = chunk[0];
+        }
+        if let (Some(&x), Some(d)) = (last, dst.get_mut(whole)) {
+            *d = x;
         }
     }
 }

@@ -202,14 +202,14 @@ fn copy(dst: &mut [f32], src: &[f32]) {
     }
 }
 
-/// `Σ_j row[j] · x(j)` over the nonzero coefficients, in order.
+/// `Σ_j row[j] · x(j)` over the nonzero coefficients, in order, each term after the first
+/// one fused multiply-add (an add or subtract where the coefficient is ±1).
 #[inline(always)]
 fn dot<const IN: usize>(row: &[f32; IN], x: impl Fn(usize) -> f32) -> f32 {
     let mut sum: Option<f32> = None;
     for (j, &c) in row.iter().enumerate() {
         if c != 0.0 {
-            let term = c * x(j);
-            sum = Some(sum.map_or(term, |sum| sum + term));
+            sum = Some(sum.map_or(c * x(j), |sum| c.mul_add(x(j), sum)));
         }
     }
     sum.unwrap_or(0.0)
