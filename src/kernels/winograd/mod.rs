@@ -22,14 +22,20 @@ mod transforms;
 
 use transforms::{Strided, Transforms, F2_TRANSFORMS, F4_TRANSFORMS};
 
-/// Output pixels per image below which the kernel transform costs more than it saves
-/// (measured on SD 1.5's U-Net: its 8×8 and 4×4 levels with 1,280 channels lose).
-const MIN_PIXELS: usize = 1024;
-/// Output pixels per image from which F(4×4, 3×3) beats F(2×2, 3×3) (measured on SD 1.5's
-/// convolutions, one thread: at 32 × 32, 64 tiles per image, its 36 short products per work
-/// item lost; from 64 × 64 it won by 1.0-1.3×).
+/// The fewest input and output channels with which Winograd pays, by output pixels per image
+/// (largest first): the kernel transform per call is worth it only over enough pixels, the
+/// tile transforms only over enough channels. Measured with SD's shapes (batch 2): at 16 × 16,
+/// F(2×2) wins 1.15-1.45× from 320 channels (SD 1.5's 640-1,280) but loses 1.4-3× at 32-128
+/// (the default model's training); at 8 × 8 it loses even with 1,280 channels.
+const MIN_CHANNELS_BY_PIXELS: [(usize, usize); 2] = [(1024, 16), (256, 256)];
+/// Output pixels per image from which F(4×4, 3×3) replaces F(2×2, 3×3): 1.0-1.3× faster from
+/// 64 × 64. At 32 × 32 it is faster too (1.1-1.35× with SD 1.5's channels), but its rounding,
+/// about 6× F(2×2)'s, put the tiny SD pipeline's final latents 2.2e-4 from diffusers', over
+/// the 2e-4 the parity tests hold them to; so F(4×4) stays with the large images.
 const F4_MIN_PIXELS: usize = 4096;
-/// Tiles per work item (whole rows of tiles): enough columns for an efficient product.
+/// Tiles per work item (whole rows of tiles): enough columns for an efficient product, but
+/// at most half an image's, so that one image is two work items for two threads (F(2×2) at
+/// 16 × 16 has 64 tiles: as one item its transforms ran on one thread while the other waited).
 const TILES_PER_ITEM: usize = 64;
 
 thread_local! {
@@ -55,7 +61,11 @@ impl Winograd {
     /// channels). The choice depends on one image's size, never on the batch or the threads,
     /// so that an image comes out the same whatever else is in its batch.
     pub fn worthwhile(&self) -> bool {
-        self.h * self.w >= MIN_PIXELS && self.c_in >= 16 && self.c_out >= 16
+        let pixels = self.h * self.w;
+        MIN_CHANNELS_BY_PIXELS
+            .iter()
+            .find(|&&(min_pixels, _)| pixels >= min_pixels)
+            .is_some_and(|&(_, channels)| self.c_in.min(self.c_out) >= channels)
     }
 
     /// The algorithm for this image size (never the batch or the threads).
@@ -77,7 +87,8 @@ impl Winograd {
 
     /// Work items `(image, first tile row, tile rows)`.
     fn items(&self) -> Vec<(usize, usize, usize)> {
-        let per_item = (TILES_PER_ITEM / self.tile_cols()).clamp(1, self.tile_rows());
+        let tiles = TILES_PER_ITEM.min(self.tile_rows() * self.tile_cols() / 2);
+        let per_item = (tiles / self.tile_cols()).clamp(1, self.tile_rows());
         let tile_rows = self.tile_rows();
         (0..self.batch)
             .flat_map(|b| {
