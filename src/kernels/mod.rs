@@ -18,6 +18,7 @@ pub mod geglu;
 mod gemm;
 mod gemm_bf16;
 pub mod group_norm;
+mod kept_buffer;
 pub mod layer_norm;
 pub mod linear;
 pub mod optimizer;
@@ -31,6 +32,7 @@ pub use attention::{attention, attention_composed};
 pub use conv2d::{conv2d, conv2d_composed, conv2d_unfolded};
 pub use geglu::{geglu, geglu_composed};
 pub use group_norm::{group_norm, group_norm_composed};
+pub use kept_buffer::release_kept_buffers;
 pub use layer_norm::{layer_norm, layer_norm_composed};
 pub use linear::{linear, linear_composed};
 pub use softmax::{softmax_last_dim, softmax_last_dim_composed};
@@ -107,7 +109,7 @@ pub fn internal_dtype(dtype: DType) -> DType {
 const ROW_CHUNKS: usize = 64;
 
 thread_local! {
-    static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    static SCRATCH: kept_buffer::KeptBuffer = const { kept_buffer::KeptBuffer::new() };
 }
 
 /// Runs `run(item, gemm_threads)` for every work item: side by side on the pool, or, with
@@ -127,20 +129,12 @@ fn for_each_work_item<T: Sync>(items: &[T], run: impl Fn(&T, usize) + Sync) {
 /// across calls so that per-tile buffers of several MiB are not allocated and page-faulted
 /// in again for every tile. Nested calls get their own buffer.
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    let mut buffer = SCRATCH.with(|cell| cell.take());
+    let mut buffer = SCRATCH.with(kept_buffer::KeptBuffer::take);
     if buffer.len() < len {
         buffer.resize(len, 0.0);
     }
     let result = f(&mut buffer[..len]);
-    SCRATCH.with(|cell| {
-        // Keep the larger buffer when a nested call left one behind.
-        let other = cell.take();
-        cell.set(if other.len() > buffer.len() {
-            other
-        } else {
-            buffer
-        });
-    });
+    SCRATCH.with(|kept| kept.keep(buffer));
     result
 }
 

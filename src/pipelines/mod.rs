@@ -281,6 +281,9 @@ impl StableDiffusion {
 
     /// Latents to the VAE decoder's `[-1, 1]` image space, undoing the latent scaling.
     pub fn decode_latents(&self, latents: &Tensor) -> anyhow::Result<Tensor> {
+        // The buffers the U-Net's kernels kept are sized for it (up to hundreds of MB), not
+        // for the decoder: let them go rather than hold them through its peak.
+        crate::kernels::release_kept_buffers();
         let config = self.vae_config();
         let mut latents = (latents.to_dtype(self.vae_dtype)? / config.scaling_factor)?;
         if let Some(shift) = config.shift_factor {

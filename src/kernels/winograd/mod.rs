@@ -11,11 +11,10 @@
 //! input gradient is such a convolution too (see `conv2d`) and takes the same path; the
 //! kernel gradient keeps the im2col products.
 
-use std::cell::Cell;
-
 use rayon::prelude::*;
 
 use super::gemm::{matmul_raw, Matrix};
+use super::kept_buffer::KeptBuffer;
 use super::{for_each_work_item, with_scratch};
 
 mod transforms;
@@ -42,7 +41,7 @@ thread_local! {
     /// The buffer of the transformed kernels, kept between calls: a fresh one of tens of MiB
     /// was zeroed (or page-faulted in) on every call, ~10% of the VAE decoder's 512-channel
     /// 64×64 convolution.
-    static TRANSFORMED_KERNELS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    static TRANSFORMED_KERNELS: KeptBuffer = const { KeptBuffer::new() };
 }
 
 /// The sizes of one convolution this path handles: output size = input size.
@@ -102,7 +101,7 @@ impl Winograd {
     /// `out` `[batch, c_out, h, w]` = conv3×3(`xs` `[batch, c_in, h, w]`, `weight`
     /// `[c_out, c_in, 3, 3]`) + `bias`.
     pub fn forward(&self, xs: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32]) {
-        let mut kernels = TRANSFORMED_KERNELS.with(Cell::take);
+        let mut kernels = TRANSFORMED_KERNELS.with(KeptBuffer::take);
         self.transform_kernels(weight, &mut kernels);
         let plane = self.h * self.w;
         let (image_len, out_len) = (self.c_in * plane, self.c_out * plane);
@@ -123,7 +122,7 @@ impl Winograd {
                 )
             };
         });
-        TRANSFORMED_KERNELS.with(|cell| cell.set(kernels));
+        TRANSFORMED_KERNELS.with(|kept| kept.keep(kernels));
     }
 
     /// `U_ξ` for every output channel into `u` (resized; every value is written):
