@@ -126,7 +126,7 @@ fn check_finite_difference(input: &Tensor, op: impl Fn(&Tensor) -> Result<Tensor
 #[test]
 fn attention_matches_composed_ops_forward_and_backward() {
     // (batch, q_len, kv_len, heads, head_dim, causal): SD's head dims 40/64/80/160, lengths that
-    // are not multiples of the 64-query block, cross-attention (77 keys), CLIP's causal mask,
+    // are not multiples of the 128-query block, cross-attention (77 keys), CLIP's causal mask,
     // and more keys than one 512-key block of the forward's online softmax (the last block
     // partial; causal rows that see none of a later block).
     let cases = [
