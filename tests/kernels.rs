@@ -396,7 +396,8 @@ fn conv2d_matches_candle_forward_and_backward() {
     // gradient a convolution padded by 2); the last six but one take the Winograd path for
     // 3×3 same convolutions (≥ 16 channels each way), F(2×2, 3×3) from 1024 pixels per image
     // (from 256 with ≥ 256 channels each way: 16×17 here, and 15×17 just below it by im2col)
-    // and F(4×4, 3×3) from 4096, odd sizes included; one thread and two.
+    // and F(4×4, 3×3) from 4096, odd sizes included; im2col at the widths it copies with a
+    // length fixed at compile time (4, 8, 16, 32, 64) beside others; one thread and two.
     let cases = [
         (2, 3, 4, 3, 1, 1, 7, 8),
         (3, 5, 6, 1, 1, 0, 5, 6),
@@ -414,6 +415,9 @@ fn conv2d_matches_candle_forward_and_backward() {
         (2, 24, 16, 3, 1, 1, 64, 64),
         (1, 256, 256, 3, 1, 1, 15, 17),
         (1, 256, 256, 3, 1, 1, 16, 17),
+        (2, 8, 6, 3, 1, 1, 16, 16),
+        (1, 4, 5, 3, 1, 1, 9, 32),
+        (1, 3, 2, 3, 1, 1, 5, 64),
     ];
     let pools = [1, 2].map(|threads| {
         rayon::ThreadPoolBuilder::new()

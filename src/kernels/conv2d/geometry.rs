@@ -239,12 +239,47 @@ impl Geometry {
                 }
             }
         }
-        let n = rows * self.out_w;
-        for (k, (c, ky, kx)) in self.taps().enumerate() {
-            let plane = &padded[c * padded_h * padded_w..(c + 1) * padded_h * padded_w];
-            let col = &mut cols[k * cols_stride..k * cols_stride + n];
-            for (r, seg) in col.chunks_exact_mut(self.out_w).enumerate() {
-                copy_short(seg, &plane[(r + ky) * padded_w + kx..][..self.out_w]);
+        // SD's widths get a copy of a length known at compile time (no division by the row
+        // length, no remainder loops: a 4×4 image's tap is four moves).
+        let copy_taps = match self.out_w {
+            4 => Self::copy_taps::<4>,
+            8 => Self::copy_taps::<8>,
+            16 => Self::copy_taps::<16>,
+            32 => Self::copy_taps::<32>,
+            64 => Self::copy_taps::<64>,
+            _ => Self::copy_taps::<0>,
+        };
+        copy_taps(self, padded, (padded_h, padded_w), rows, cols, cols_stride);
+    }
+
+    /// The im2col rows from the zero-padded rows `padded` (`padded_h × padded_w` per
+    /// channel), for output rows `W` wide (`W == 0`: `self.out_w`, known at run time only).
+    fn copy_taps<const W: usize>(
+        &self,
+        padded: &[f32],
+        (padded_h, padded_w): (usize, usize),
+        rows: usize,
+        cols: &mut [f32],
+        cols_stride: usize,
+    ) {
+        let width = if W == 0 { self.out_w } else { W };
+        // Plain loops over (c, ky, kx): the `taps()` iterator did not inline here.
+        let mut k = 0;
+        for plane in padded.chunks_exact(padded_h * padded_w) {
+            for ky in 0..self.kh {
+                for kx in 0..self.kw {
+                    let taps = &plane[ky * padded_w + kx..];
+                    let col = &mut cols[k * cols_stride..][..rows * width];
+                    for (r, seg) in col.chunks_exact_mut(width).enumerate() {
+                        let src = &taps[r * padded_w..][..width];
+                        if W == 0 {
+                            copy_short(seg, src);
+                        } else {
+                            seg.copy_from_slice(src);
+                        }
+                    }
+                    k += 1;
+                }
             }
         }
     }
