@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Everything a GPU machine is lent for, in one call, most important first (a lease is short):
+#   0. tests/device_parity.rs    each kernel and the tiny U-Net on the GPU against the CPU, f32
+#                                and f16 (.gpu-carry/device_parity.xz)  -> ops.log
 #   1. scripts/gpu_check.py      the CUDA build's parity with diffusers' recorded runs, the
 #                                default model, training steps   -> check.log, gpu-check.json
 #   2. scripts/bench_gpu.py      SD 1.5 architecture, 512², 1 image: ldm vs diffusers eager and
@@ -41,6 +43,13 @@ if [[ ! -f $weights/model_index.json ]]; then
     weights=$(ls -d "${XDG_CACHE_HOME:-$HOME/.cache}"/ldm/default-model-* | head -1)
 fi
 
+if [[ $gpu_smoke != 1 ]]; then
+    parity="$work/device_parity"
+    "$PYTHON" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+        "$carry/device_parity.xz" "$parity" && chmod +x "$parity"
+    export LDM_TEST_ROOT="$repo"
+    stage ops 60 "$parity" --nocapture --test-threads 1
+fi
 stage check "$check_s" "$PYTHON" "$repo/scripts/gpu_check.py" --ldm "$ldm" --device "$device" --out "$work/check" \
     --weights "$weights"
 cp "$work/check/gpu-check.json" "$out/" 2>/dev/null  # its table is in check.log
