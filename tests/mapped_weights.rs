@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use ldm::mapped_memory::{mapped_file_count, MappedFile, MappingAwareAllocator};
+use ldm::mapped_memory::{
+    collecting_mappings, mapped_file_count, MappedFile, MappingAwareAllocator,
+};
 use ldm::weights_file::WeightsFile;
 
 #[global_allocator]
@@ -88,6 +90,41 @@ fn weights_are_mapped_copy_on_write_and_unmapped_with_their_last_tensor() {
     assert_eq!(bytes.len(), 16 + 4096);
 
     pages_of_a_freed_tensor_leave_the_process(dir.path());
+    dropped_pages_read_back_from_the_file(dir.path());
+}
+
+/// A mapped file's pages taken out of resident memory (a pipeline's U-Net before decoding)
+/// leave the process and read back unchanged when its tensors are used again.
+fn dropped_pages_read_back_from_the_file(dir: &std::path::Path) {
+    const MIB: usize = 1 << 20;
+    let path = dir.join("dropped.safetensors");
+    let device = Device::Cpu;
+    let count = 8 * MIB; // 32 MiB of f32, every value distinct and exact
+    let values = Tensor::arange(0f32, count as f32, &device).unwrap();
+    let expected = values.to_vec1::<f32>().unwrap();
+    candle_core::safetensors::save(&HashMap::from([("v".to_string(), values)]), &path).unwrap();
+
+    let (file, pages) = collecting_mappings(|| WeightsFile::open(&path).unwrap());
+    assert_eq!(pages.len(), 1, "the one file mapped while collecting");
+    let tensor = file.load("v", &device).unwrap();
+    drop(file);
+    assert_eq!(tensor.to_vec1::<f32>().unwrap(), expected);
+    let resident = resident_file_bytes();
+    assert!(resident >= 32 * MIB, "{resident} bytes");
+
+    // SAFETY: nothing in this file was written in place.
+    unsafe { pages[0].drop_resident() };
+    let dropped = resident_file_bytes();
+    assert!(
+        resident - dropped >= 31 * MIB,
+        "file pages resident before {resident}, after {dropped}"
+    );
+    assert_eq!(tensor.to_vec1::<f32>().unwrap(), expected, "read back");
+
+    drop(tensor);
+    assert_eq!(mapped_file_count(), 1, "the handle keeps the file mapped");
+    drop(pages);
+    assert_eq!(mapped_file_count(), 0);
 }
 
 /// A weight freed while its file stays mapped (replaced by a quantized copy at load) stops

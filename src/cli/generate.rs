@@ -374,6 +374,9 @@ fn run(
         .zip(paths.chunks(batch_size))
         .enumerate()
     {
+        if index + 1 == batches {
+            pipeline.release_unet_and_text_before_next_decode();
+        }
         let generated = pipeline.generate_with(sampling, &options, batch, &mut |done, total| {
             bar.set_length((total * batches) as u64);
             bar.set_position((index * total + done) as u64);
