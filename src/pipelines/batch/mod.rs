@@ -28,7 +28,9 @@ impl StableDiffusion {
     /// Makes every job's image in `out_dir`, `batch_size` images per forward pass at most,
     /// reading prompts with A1111 syntax when `prompt_syntax` is on, and recording them in
     /// `out_dir/manifest_file` (other manifests there count as done too). All jobs are checked
-    /// before any work starts. `on_image(path)` reports each saved image.
+    /// before any work starts. `on_image(path)` reports each saved image. The last group
+    /// decodes with the U-Net's and text encoders' weights paged out
+    /// ([`Self::release_unet_and_text_before_next_decode`]).
     pub fn run_batch(
         &self,
         jobs: &[Job],
@@ -53,7 +55,12 @@ impl StableDiffusion {
             .collect();
         let already_done = jobs.len() - pending.len();
         let pending_jobs: Vec<Job> = pending.into_iter().cloned().collect();
-        for group in group_for_batching(&pending_jobs, batch_size)? {
+        let groups = group_for_batching(&pending_jobs, batch_size)?;
+        let last = groups.len().saturating_sub(1);
+        for (index, group) in groups.into_iter().enumerate() {
+            if index == last {
+                self.release_unet_and_text_before_next_decode();
+            }
             let group: Vec<&Job> = group.iter().map(|&i| &pending_jobs[i]).collect();
             let sampling = job_sampling(group[0])?;
             let image_jobs = group
