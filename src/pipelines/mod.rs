@@ -67,8 +67,8 @@ pub struct StableDiffusion {
     vae_dtype: DType,
     /// The model's own recommended settings (`model_index.json`).
     recommended: Recommended,
-    /// The mapped files of the U-Net and the text encoders (a diffusers folder's; a
-    /// single-file checkpoint's one file also holds the VAE and is not listed).
+    /// The mapped files of the U-Net and the text encoders (a single-file checkpoint's one
+    /// file, which holds the VAE too).
     unet_and_text_files: Vec<MappedPages>,
     /// Set by [`Self::release_unet_and_text_before_next_decode`].
     release_unet_and_text: AtomicBool,
@@ -111,7 +111,11 @@ impl StableDiffusion {
             .iter()
             .map(|spec| Ok((LoraFile::read(&spec.path)?, spec.clone())))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let weights = Weights::open(folder, dtype != DType::F32)?;
+        // A single-file checkpoint is mapped here, VAE included (its pages read back as the
+        // decoder runs); a folder's component files as each component loads.
+        let (weights, checkpoint_files) =
+            collecting_mappings(|| Weights::open(folder, dtype != DType::F32));
+        let weights = weights?;
         let index = folder.model_index()?;
         let kind = if index.is_sdxl() {
             PipelineKind::StableDiffusionXl {
@@ -131,7 +135,7 @@ impl StableDiffusion {
         }
         let scheduler_config = scheduler_config(folder, kind)?;
 
-        let (text_encoders, mut unet_and_text_files) = collecting_mappings(|| {
+        let (text_encoders, text_files) = collecting_mappings(|| {
             index
                 .text_encoders()
                 .iter()
@@ -168,7 +172,10 @@ impl StableDiffusion {
         let part = Part::Unet(&unet_config);
         let (vb, unet_files) =
             collecting_mappings(|| weights.var_builder(part, &loras, |_| true, dtype, device));
-        unet_and_text_files.extend(unet_files);
+        let unet_and_text_files: Vec<MappedPages> = [checkpoint_files, text_files, unet_files]
+            .into_iter()
+            .flatten()
+            .collect();
         let vb = vb?;
         let unet = with_quantization(quantization, || UNet2DConditionModel::new(vb, &unet_config))
             .with_context(|| component_error(&weights, part))?;
