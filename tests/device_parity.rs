@@ -16,7 +16,7 @@ mod common;
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
-use common::{fixture, load_case};
+use common::{fixture, load_case, values};
 use ldm::kernels::{self, Activation};
 use ldm::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 
@@ -26,21 +26,6 @@ fn gpu() -> Device {
     #[cfg(all(feature = "metal", not(feature = "cuda")))]
     let device = Device::new_metal(0);
     device.expect("this test needs the GPU its build is for")
-}
-
-/// Deterministic values in [-scale, scale) (an LCG: no unseeded generator in tests).
-fn values(shape: &[usize], seed: u64, scale: f32) -> Tensor {
-    let mut state = seed.wrapping_mul(6364136223846793005) | 1;
-    let count: usize = shape.iter().product();
-    let data: Vec<f32> = (0..count)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect();
-    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
 }
 
 /// Runs `op` on the CPU in f32 and on the GPU in f32 and f16, inputs rounded to f16 first (so
@@ -81,8 +66,13 @@ fn check(name: &str, inputs: &[Tensor], op: impl Fn(&[Tensor]) -> Result<Tensor>
 #[test]
 fn gpu_kernels_match_the_cpu_kernels() {
     for (scale, seed) in [(4.0, 1), (64.0, 2)] {
-        let x = |shape: &[usize], salt: u64| values(shape, seed * 100 + salt, scale);
-        let w = |shape: &[usize], salt: u64| values(shape, seed * 100 + salt, 0.1);
+        let f32_values = |shape: &[usize], salt: u64, scale: f64| {
+            values(shape, seed * 100 + salt, scale)
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let x = |shape: &[usize], salt: u64| f32_values(shape, salt, scale);
+        let w = |shape: &[usize], salt: u64| f32_values(shape, salt, 0.1);
         let tag = |op: &str| format!("{op} (inputs ±{scale})");
         check(
             &tag("attention 2x1024x320, 8 heads"),

@@ -5,26 +5,11 @@
 //! the f32 kernel within their own rounding. One directional finite-difference check per op
 //! guards the reference's gradients themselves.
 
-use candle_core::{DType, Device, Result, Tensor, Var};
-use ldm::kernels;
+mod common;
 
-/// Deterministic values in [-scale, scale) from a 64-bit LCG (tests must not depend on an
-/// unseeded generator).
-fn values(shape: &[usize], seed: u64, scale: f64) -> Tensor {
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let count: usize = shape.iter().product();
-    let data: Vec<f64> = (0..count)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * scale
-        })
-        .collect();
-    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-}
+use candle_core::{DType, Result, Tensor, Var};
+use common::values;
+use ldm::kernels;
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims());

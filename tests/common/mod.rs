@@ -204,3 +204,21 @@ pub fn parity_command(
     }
     cmd
 }
+
+/// Deterministic values in [-scale, scale) from a 64-bit LCG (tests must not depend on an
+/// unseeded generator).
+pub fn values(shape: &[usize], seed: u64, scale: f64) -> Tensor {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let count: usize = shape.iter().product();
+    let data: Vec<f64> = (0..count)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * scale
+        })
+        .collect();
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
