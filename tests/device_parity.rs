@@ -74,33 +74,24 @@ fn gpu_kernels_match_the_cpu_kernels() {
         let x = |shape: &[usize], salt: u64| f32_values(shape, salt, scale);
         let w = |shape: &[usize], salt: u64| f32_values(shape, salt, 0.1);
         let tag = |op: &str| format!("{op} (inputs ±{scale})");
-        check(
-            &tag("attention 2x1024x320, 8 heads"),
-            &[
-                x(&[2, 1024, 320], 1),
-                x(&[2, 1024, 320], 2),
-                x(&[2, 1024, 320], 3),
-            ],
-            |t| kernels::attention(&t[0], &t[1], &t[2], 8, false),
-        );
-        check(
-            &tag("cross-attention 2x1024 / 77x320"),
-            &[
-                x(&[2, 1024, 320], 4),
-                x(&[2, 77, 320], 5),
-                x(&[2, 77, 320], 6),
-            ],
-            |t| kernels::attention(&t[0], &t[1], &t[2], 8, false),
-        );
-        check(
-            &tag("causal attention 2x77x768, 12 heads"),
-            &[
-                x(&[2, 77, 768], 7),
-                x(&[2, 77, 768], 8),
-                x(&[2, 77, 768], 9),
-            ],
-            |t| kernels::attention(&t[0], &t[1], &t[2], 12, true),
-        );
+        // Self-attention, cross-attention (77 text tokens) and CLIP's causal attention.
+        for (salt, q_len, kv_len, width, heads, causal) in [
+            (1, 1024, 1024, 320, 8, false),
+            (4, 1024, 77, 320, 8, false),
+            (7, 77, 77, 768, 12, true),
+        ] {
+            check(
+                &tag(&format!(
+                    "attention 2x{q_len}/{kv_len}x{width}, {heads} heads, causal {causal}"
+                )),
+                &[
+                    x(&[2, q_len, width], salt),
+                    x(&[2, kv_len, width], salt + 1),
+                    x(&[2, kv_len, width], salt + 2),
+                ],
+                |t| kernels::attention(&t[0], &t[1], &t[2], heads, causal),
+            );
+        }
         check(
             &tag("layer norm 2x1024x320"),
             &[x(&[2, 1024, 320], 10), w(&[320], 11), w(&[320], 12)],
