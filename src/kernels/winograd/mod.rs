@@ -132,13 +132,9 @@ impl Winograd {
         let scheme = self.scheme();
         let positions = scheme.positions();
         u.resize(self.c_out * positions * self.c_in, 0.0);
-        let temp_len = (9 + 3 * scheme.n()) * self.c_in;
         u.par_chunks_exact_mut(positions * self.c_in)
             .zip(weight.par_chunks_exact(9 * self.c_in))
-            .for_each_init(
-                || vec![0f32; temp_len],
-                |temp, (u, kernels)| (scheme.kernel)(kernels, temp, u),
-            );
+            .for_each(|(u, kernels)| (scheme.kernel)(kernels, u));
     }
 
     /// Output rows `m·first .. m·(first + rows)` of one image, whose `[c_out, h, w]` output

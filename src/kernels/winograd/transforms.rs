@@ -103,9 +103,8 @@ pub(in crate::kernels) struct Transforms {
     pub input: fn(rows: &[f32], temp: &mut [f32], dst: &mut [f32], positions: Strided),
     /// `Aᵀ M A + bias` of a row of tiles: see [`OutputTransform`].
     pub output: OutputTransform,
-    /// `G g Gᵀ` of one output channel's kernels (`[c_in, 3, 3]`) into `[n², c_in]`; the
-    /// scratch holds `(9 + 3n) · c_in` values.
-    pub kernel: fn(kernels: &[f32], temp: &mut [f32], u: &mut [f32]),
+    /// `G g Gᵀ` of one output channel's kernels (`[c_in, 3, 3]`) into `[n², c_in]`.
+    pub kernel: fn(kernels: &[f32], u: &mut [f32]),
 }
 
 impl Transforms {
@@ -140,10 +139,22 @@ macro_rules! transforms_of {
                 output_transform(&$scheme, products, positions, bias, temp, out, width)
             }
         }
-        multiversion! {
-            pub fn $kernel(kernels: &[f32], temp: &mut [f32], u: &mut [f32]) {
-                kernel_transform(&$scheme, kernels, temp, u)
+        pub fn $kernel(kernels: &[f32], u: &mut [f32]) {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2(kernels: &[f32], u: &mut [f32]) {
+                    // SAFETY: this function runs only where the CPU has AVX2.
+                    kernel_transform(&$scheme, kernels, u, |block| unsafe {
+                        gather_taps_avx2(block)
+                    })
+                }
+                // SAFETY: the CPU supports every feature the function is compiled for.
+                return unsafe { avx2(kernels, u) };
             }
+            kernel_transform(&$scheme, kernels, u, gather_taps)
         }
         Transforms {
             m: $scheme.m(),
@@ -295,47 +306,145 @@ fn output_transform<const M: usize, const N: usize>(
     }
 }
 
+/// Input channels per pass of the kernel transform: one AVX2 register of lanes.
+const KERNEL_LANES: usize = 8;
+
+/// The taps of `KERNEL_LANES` consecutive kernels (`[lane][tap]` in memory) as one slice of
+/// lanes per tap.
+type Taps = [[f32; KERNEL_LANES]; 9];
+
+/// `G g Gᵀ` of one output channel's kernels (`[c_in, 3, 3]`) into `u` (`[n², c_in]`),
+/// `KERNEL_LANES` input channels at a time, each block's taps fetched by `gather` and its
+/// transform kept in registers: the transposition of the taps is what this costs, so it is
+/// one hardware gather per tap where the CPU has one (see `transforms_of!`).
 #[inline(always)]
 fn kernel_transform<const M: usize, const N: usize>(
     scheme: &Scheme<M, N>,
     kernels: &[f32],
-    temp: &mut [f32],
     u: &mut [f32],
+    gather: impl Fn(&[f32]) -> Taps,
 ) {
     let c_in = kernels.len() / 9;
-    let (taps, rows) = temp.split_at_mut(9 * c_in);
-    // The kernels' taps, each as a slice over the input channels.
-    for (c, g) in kernels.chunks_exact(9).enumerate() {
-        for (k, &value) in g.iter().enumerate() {
-            taps[k * c_in + c] = value;
+    let blocks = kernels.chunks_exact(9 * KERNEL_LANES);
+    let rest = blocks.remainder();
+    for (b, block) in blocks.enumerate() {
+        kernel_block(
+            scheme,
+            &gather(block),
+            u,
+            b * KERNEL_LANES..(b + 1) * KERNEL_LANES,
+        );
+    }
+    if !rest.is_empty() {
+        kernel_block(scheme, &gather_taps(rest), u, c_in - rest.len() / 9..c_in);
+    }
+}
+
+/// The taps of up to `KERNEL_LANES` kernels, one value at a time (missing lanes zero).
+#[inline(always)]
+fn gather_taps(kernels: &[f32]) -> Taps {
+    let mut taps = [[0f32; KERNEL_LANES]; 9];
+    for (lane, kernel) in kernels.chunks_exact(9).enumerate() {
+        for (tap, &value) in taps.iter_mut().zip(kernel) {
+            tap[lane] = value;
         }
     }
-    // G over the kernel rows: rows[i·3 + j] from taps[k·3 + j] …
-    for j in 0..3 {
-        let src = std::array::from_fn(|k| &taps[(3 * k + j) * c_in..][..c_in]);
-        let mut outputs = rows.chunks_exact_mut(c_in).skip(j).step_by(3);
-        let dst = std::array::from_fn(|_| outputs.next().expect("N rows of 3"));
-        transform(&scheme.g, src, dst);
+    taps
+}
+
+/// [`gather_taps`] of a whole block by AVX2's gather instruction, one per tap.
+///
+/// # Safety
+/// The CPU must support AVX2; `kernels` holds `9 · KERNEL_LANES` values.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn gather_taps_avx2(kernels: &[f32]) -> Taps {
+    use std::arch::x86_64::{_mm256_i32gather_ps, _mm256_setr_epi32, _mm256_storeu_ps};
+    assert_eq!(kernels.len(), 9 * KERNEL_LANES, "one block of kernels");
+    let mut taps = [[0f32; KERNEL_LANES]; 9];
+    let lanes = _mm256_setr_epi32(0, 9, 18, 27, 36, 45, 54, 63);
+    for (k, tap) in taps.iter_mut().enumerate() {
+        // SAFETY: lane l reads kernels[9·l + k] < 9 · KERNEL_LANES; the store writes the
+        // eight values of `tap`.
+        unsafe {
+            let values = _mm256_i32gather_ps::<4>(kernels.as_ptr().add(k), lanes);
+            _mm256_storeu_ps(tap.as_mut_ptr(), values);
+        }
     }
-    // … then over the columns: position i·N + l from rows[i·3 + k].
-    let rows = &*rows;
-    let positions = Strided {
-        at: 0,
-        stride: c_in,
-    };
+    taps
+}
+
+/// `G g Gᵀ` of the kernels of input channels `channels` (their taps in `taps`) into `u`.
+/// Every coefficient is applied, zeros included: with the lanes across channels these are
+/// whole-vector fused multiply-adds, and a sum gains nothing from an exact zero term.
+#[inline(always)]
+fn kernel_block<const M: usize, const N: usize>(
+    scheme: &Scheme<M, N>,
+    taps: &Taps,
+    u: &mut [f32],
+    channels: std::ops::Range<usize>,
+) {
+    let c_in = u.len() / (N * N);
+    let lanes = channels.len();
     for i in 0..N {
-        let src = std::array::from_fn(|k| &rows[(3 * i + k) * c_in..][..c_in]);
-        transform(
-            &scheme.g,
-            src,
-            split_positions::<N>(u, positions, i * N, c_in),
-        );
+        // G over the kernel rows: r[j] = Σ_k G[i][k] · g[k][j] …
+        let mut r = [[0f32; KERNEL_LANES]; 3];
+        for (j, r) in r.iter_mut().enumerate() {
+            combine(r, &scheme.g[i], [&taps[j], &taps[3 + j], &taps[6 + j]]);
+        }
+        // … then over the columns: position i·N + l = Σ_k G[l][k] · r[k].
+        for l in 0..N {
+            let mut y = [0f32; KERNEL_LANES];
+            combine(&mut y, &scheme.g[l], [&r[0], &r[1], &r[2]]);
+            let at = (i * N + l) * c_in + channels.start;
+            match <&mut [f32; KERNEL_LANES]>::try_from(&mut u[at..at + lanes]) {
+                // A whole block as plain vector moves (`copy_from_slice` is a `memcpy` call).
+                Ok(whole) => *whole = y,
+                Err(_) => u[at..at + lanes].copy_from_slice(&y[..lanes]),
+            }
+        }
+    }
+}
+
+/// `y = c[0]·x[0] + c[1]·x[1] + c[2]·x[2]`, lane by lane.
+#[inline(always)]
+fn combine(y: &mut [f32; KERNEL_LANES], c: &[f32; 3], x: [&[f32; KERNEL_LANES]; 3]) {
+    for (lane, y) in y.iter_mut().enumerate() {
+        *y = c[2].mul_add(x[2][lane], c[1].mul_add(x[1][lane], c[0] * x[0][lane]));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Several input channels at once (a whole block of lanes, by the CPU's gather where it
+    /// has one, then a partial block) give each channel's own transform.
+    #[test]
+    fn kernel_blocks_match_single_kernels() {
+        for transforms in [&F2_TRANSFORMS, &F4_TRANSFORMS] {
+            let positions = transforms.positions();
+            let c_in = KERNEL_LANES + 3;
+            let kernels: Vec<f32> = (0..9 * c_in)
+                .map(|i| ((i * 13 + 5) % 17) as f32 * 0.125 - 1.0)
+                .collect();
+            let mut u = vec![0f32; positions * c_in];
+            (transforms.kernel)(&kernels, &mut u);
+            for (c, kernel) in kernels.chunks_exact(9).enumerate() {
+                let mut single = vec![0f32; positions];
+                (transforms.kernel)(kernel, &mut single);
+                for (xi, &value) in single.iter().enumerate() {
+                    assert_eq!(
+                        u[xi * c_in + c],
+                        value,
+                        "m = {}, channel {c}, position {xi}",
+                        transforms.m
+                    );
+                }
+            }
+        }
+    }
 
     /// The transforms of one tile compute the direct 3×3 correlation of its n×n patch (plus
     /// the bias), for both schemes.
@@ -361,8 +470,7 @@ mod tests {
             let positions = Strided { at: 0, stride: 1 };
             (transforms.input)(&rows, &mut temp, &mut v, positions);
             let mut u = vec![0f32; n * n];
-            let mut kernel_temp = vec![0f32; 9 + 3 * n];
-            (transforms.kernel)(&g, &mut kernel_temp, &mut u);
+            (transforms.kernel)(&g, &mut u);
             let products: Vec<f32> = u.iter().zip(&v).map(|(u, v)| u * v).collect();
             let mut out = vec![0f32; m * m];
             (transforms.output)(&products, positions, 0.5, &mut temp, &mut out, m);
