@@ -36,6 +36,7 @@ pub use kept_buffer::release_kept_buffers;
 pub use layer_norm::{layer_norm, layer_norm_composed};
 pub use linear::{linear, linear_composed};
 pub use softmax::{softmax_last_dim, softmax_last_dim_composed};
+pub use winograd::keeping_transformed_kernels;
 
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Storage, Tensor};
 

@@ -45,7 +45,22 @@ impl StableDiffusion {
     /// classifier-free guidance when the embeddings carry an unconditional half.
     /// `on_step(done, total)` reports progress; when it breaks, the loop stops there and the
     /// latents reached so far are returned (a server's interrupt).
+    /// The weights are constant through the loop, so it keeps their Winograd kernel
+    /// transforms from step to step (`kernels::keeping_transformed_kernels`).
     pub fn denoise(
+        &self,
+        latents: Tensor,
+        scheduler: &mut dyn Scheduler,
+        spec: &DenoiseSpec,
+        noise: &mut dyn NoiseSource,
+        on_step: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> anyhow::Result<Tensor> {
+        crate::kernels::keeping_transformed_kernels(|| {
+            self.denoise_steps(latents, scheduler, spec, noise, on_step)
+        })
+    }
+
+    fn denoise_steps(
         &self,
         mut latents: Tensor,
         scheduler: &mut dyn Scheduler,

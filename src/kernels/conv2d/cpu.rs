@@ -7,6 +7,7 @@
 //! tile is written straight into the NCHW output; a group is computed into a scratch buffer
 //! and copied out per image.
 
+use candle_core::TensorId;
 use rayon::prelude::*;
 
 use super::super::gemm::{matmul, matmul_raw, Matrix, SharedOut};
@@ -19,10 +20,17 @@ use super::geometry::{Geometry, Tile};
 const BATCH_CHUNK: usize = 2;
 
 /// `out` `[batch, c_out, out_h, out_w]` = conv(`xs`, `weight`) + `bias`; every value of
-/// `out` is written.
-pub(super) fn forward(g: &Geometry, xs: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32]) {
+/// `out` is written. `constant_weight`: see `Winograd::forward`.
+pub(super) fn forward(
+    g: &Geometry,
+    xs: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+    constant_weight: Option<TensorId>,
+) {
     if let Some(winograd) = g.winograd().filter(Winograd::worthwhile) {
-        return winograd.forward(xs, weight, bias, out);
+        return winograd.forward(xs, weight, bias, out, constant_weight);
     }
     let kernel = Matrix::rows(weight, g.c_out, g.patch_len(), g.patch_len());
     let shared = SharedOut(out.as_mut_ptr());
@@ -93,7 +101,7 @@ pub(super) fn forward(g: &Geometry, xs: &[f32], weight: &[f32], bias: &[f32], ou
 pub(super) fn input_gradient(g: &Geometry, grad: &[f32], weight: &[f32], dx: &mut [f32]) {
     if let Some(transposed) = g.transposed() {
         let flipped = flipped_and_swapped(g, weight);
-        return forward(&transposed, grad, &flipped, &vec![0.0; g.c_in], dx);
+        return forward(&transposed, grad, &flipped, &vec![0.0; g.c_in], dx, None);
     }
     // Strided: `Wᵀ dY` scattered back by col2im. A group's tiles add into the same images,
     // so each group is one task.

@@ -46,6 +46,7 @@ pub fn conv2d(
                 stride,
                 padding,
                 group_images: [xs, weight, bias].iter().any(|t| t.track_op()),
+                constant_weight: (!weight.track_op()).then(|| weight.id()),
             },
         )?
         .to_dtype(dtype)
@@ -138,6 +139,9 @@ struct Conv2dOp {
     padding: usize,
     /// See [`Geometry::group_images`]: set where a gradient flows.
     group_images: bool,
+    /// The weight's id when it is a constant (inference): its Winograd transform may be
+    /// kept between calls.
+    constant_weight: Option<candle_core::TensorId>,
 }
 
 impl CustomOp3 for Conv2dOp {
@@ -167,7 +171,7 @@ impl CustomOp3 for Conv2dOp {
         let weight = contiguous_f32(weight, weight_layout, "conv2d: the kernel")?;
         let bias = super::channel_values(bias, bias_layout, g.c_out)?;
         let mut out = vec![0f32; g.batch * g.out_len()];
-        cpu::forward(&g, xs, weight, bias, &mut out);
+        cpu::forward(&g, xs, weight, bias, &mut out, self.constant_weight);
         let shape = Shape::from((g.batch, g.c_out, g.out_h, g.out_w));
         Ok((CpuStorage::F32(out), shape))
     }

@@ -11,14 +11,17 @@
 //! input gradient is such a convolution too (see `conv2d`) and takes the same path; the
 //! kernel gradient keeps the im2col products.
 
+use candle_core::TensorId;
 use rayon::prelude::*;
 
 use super::gemm::{matmul_raw, Matrix};
 use super::kept_buffer::KeptBuffer;
 use super::{for_each_work_item, with_scratch};
 
+mod kernel_cache;
 mod transforms;
 
+pub use kernel_cache::keeping_transformed_kernels;
 use transforms::{Strided, Transforms, F2_TRANSFORMS, F4_TRANSFORMS};
 
 /// The fewest input and output channels with which Winograd pays, by output pixels per image
@@ -99,10 +102,37 @@ impl Winograd {
     }
 
     /// `out` `[batch, c_out, h, w]` = conv3×3(`xs` `[batch, c_in, h, w]`, `weight`
-    /// `[c_out, c_in, 3, 3]`) + `bias`.
-    pub fn forward(&self, xs: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32]) {
+    /// `[c_out, c_in, 3, 3]`) + `bias`. `constant_weight` names a weight that cannot change
+    /// (no gradient), whose transform a denoising loop may keep (see `kernel_cache`).
+    pub fn forward(
+        &self,
+        xs: &[f32],
+        weight: &[f32],
+        bias: &[f32],
+        out: &mut [f32],
+        constant_weight: Option<TensorId>,
+    ) {
+        let len = self.c_out * self.scheme().positions() * self.c_in;
+        if let Some(key) = constant_weight.map(|id| (id, self.scheme().m)) {
+            if let Some(kernels) = kernel_cache::find(key) {
+                return self.products(xs, &kernels, bias, out);
+            }
+            if kernel_cache::has_room(len) {
+                let mut kernels = vec![0f32; len];
+                self.transform_kernels(weight, &mut kernels);
+                let kernels = kernel_cache::keep(key, kernels);
+                return self.products(xs, &kernels, bias, out);
+            }
+        }
         let mut kernels = TRANSFORMED_KERNELS.with(KeptBuffer::take);
+        kernels.resize(len, 0.0);
         self.transform_kernels(weight, &mut kernels);
+        self.products(xs, &kernels, bias, out);
+        TRANSFORMED_KERNELS.with(|kept| kept.keep(kernels));
+    }
+
+    /// The products and output transforms of every band of tiles, with the kernels transformed.
+    fn products(&self, xs: &[f32], kernels: &[f32], bias: &[f32], out: &mut [f32]) {
         let plane = self.h * self.w;
         let (image_len, out_len) = (self.c_in * plane, self.c_out * plane);
         assert_eq!(out.len(), self.batch * out_len, "output size");
@@ -114,7 +144,7 @@ impl Winograd {
             unsafe {
                 self.band(
                     image,
-                    &kernels,
+                    kernels,
                     bias,
                     (first, rows),
                     shared.0.add(b * out_len),
@@ -122,17 +152,14 @@ impl Winograd {
                 )
             };
         });
-        TRANSFORMED_KERNELS.with(|kept| kept.keep(kernels));
     }
 
-    /// `U_ξ` for every output channel into `u` (resized; every value is written):
-    /// `[c_out, n², c_in]`, so that `U_ξ` is the `[c_out, c_in]` matrix at offset `ξ·c_in`
-    /// with rows `n²·c_in` apart.
-    fn transform_kernels(&self, weight: &[f32], u: &mut Vec<f32>) {
+    /// `U_ξ` for every output channel into `u` (every value is written): `[c_out, n², c_in]`,
+    /// so that `U_ξ` is the `[c_out, c_in]` matrix at offset `ξ·c_in` with rows `n²·c_in`
+    /// apart.
+    fn transform_kernels(&self, weight: &[f32], u: &mut [f32]) {
         let scheme = self.scheme();
-        let positions = scheme.positions();
-        u.resize(self.c_out * positions * self.c_in, 0.0);
-        u.par_chunks_exact_mut(positions * self.c_in)
+        u.par_chunks_exact_mut(scheme.positions() * self.c_in)
             .zip(weight.par_chunks_exact(9 * self.c_in))
             .for_each(|(u, kernels)| (scheme.kernel)(kernels, u));
     }
