@@ -48,19 +48,27 @@ fn check(name: &str, inputs: &[Tensor], op: impl Fn(&[Tensor]) -> Result<Tensor>
             .unwrap();
         let out = op(&on_gpu).unwrap().to_dtype(DType::F32).unwrap();
         let out = out.to_device(&Device::Cpu).unwrap();
-        let diff = (out - &reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        let error = diff.to_scalar::<f32>().unwrap() / scale;
-        println!("{name:<40} {dtype:?}: relative error {error:.2e} (max |value| {scale:.3e})");
-        assert!(
-            error.is_finite() && error < tolerance,
-            "{name} in {dtype:?}: {error:e}"
-        );
+        assert_close(name, dtype, out, &reference, scale, tolerance);
     }
+}
+
+/// Prints the largest difference between `out` and `reference` relative to `scale` (the
+/// reference's largest magnitude) and asserts it is under `tolerance`.
+fn assert_close(
+    name: &str,
+    dtype: DType,
+    out: Tensor,
+    reference: &Tensor,
+    scale: f32,
+    tolerance: f32,
+) {
+    let diff = (out - reference).unwrap().abs().unwrap().max_all().unwrap();
+    let error = diff.to_scalar::<f32>().unwrap() / scale;
+    println!("{name:<40} {dtype:?}: relative error {error:.2e} (max |value| {scale:.3e})");
+    assert!(
+        error.is_finite() && error < tolerance,
+        "{name} in {dtype:?}: {error:e}"
+    );
 }
 
 #[test]
@@ -171,18 +179,13 @@ fn gpu_unet_matches_the_cpu_unet() {
     let scale = reference.abs().unwrap().max_all().unwrap();
     let scale = scale.to_scalar::<f32>().unwrap();
     for (dtype, tolerance) in [(DType::F32, 1e-4), (DType::F16, 2e-2)] {
-        let out = run(&gpu(), dtype);
-        let diff = (out - &reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        let error = diff.to_scalar::<f32>().unwrap() / scale;
-        println!("tiny SD 1 U-Net {dtype:?}: relative error {error:.2e} (max |value| {scale:.3e})");
-        assert!(
-            error.is_finite() && error < tolerance,
-            "U-Net in {dtype:?}: {error:e}"
+        assert_close(
+            "tiny SD 1 U-Net",
+            dtype,
+            run(&gpu(), dtype),
+            &reference,
+            scale,
+            tolerance,
         );
     }
 }
