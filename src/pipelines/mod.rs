@@ -67,9 +67,10 @@ pub struct StableDiffusion {
     vae_dtype: DType,
     /// The model's own recommended settings (`model_index.json`).
     recommended: Recommended,
-    /// The mapped files of the U-Net and the text encoders (a single-file checkpoint's one
-    /// file, which holds the VAE too).
-    unet_and_text_files: Vec<MappedPages>,
+    /// The mapped files of the U-Net (a single-file checkpoint's one file, which holds the
+    /// text encoders and the VAE too) and those of the text encoders.
+    unet_files: Vec<MappedPages>,
+    text_files: Vec<MappedPages>,
     /// Set by [`Self::release_unet_and_text_before_next_decode`].
     release_unet_and_text: AtomicBool,
 }
@@ -172,10 +173,7 @@ impl StableDiffusion {
         let part = Part::Unet(&unet_config);
         let (vb, unet_files) =
             collecting_mappings(|| weights.var_builder(part, &loras, |_| true, dtype, device));
-        let unet_and_text_files: Vec<MappedPages> = [checkpoint_files, text_files, unet_files]
-            .into_iter()
-            .flatten()
-            .collect();
+        let unet_files: Vec<MappedPages> = checkpoint_files.into_iter().chain(unet_files).collect();
         let vb = vb?;
         let unet = with_quantization(quantization, || UNet2DConditionModel::new(vb, &unet_config))
             .with_context(|| component_error(&weights, part))?;
@@ -229,7 +227,8 @@ impl StableDiffusion {
             quantization,
             vae_dtype,
             recommended: index.recommended,
-            unet_and_text_files,
+            unet_files,
+            text_files,
             release_unet_and_text: AtomicBool::new(false),
         })
     }
@@ -238,6 +237,7 @@ impl StableDiffusion {
     /// memory (their files' pages; they read back from the file if used again): for the last
     /// batch of a run, so that the weights and the VAE decoder's activations never peak
     /// together (SD 1.5 at 512²: 3.8 GB of mapped weights beside 1.7 GB of activations).
+    /// The text encoders' pages go already once that batch's prompts are encoded.
     pub fn release_unet_and_text_before_next_decode(&self) {
         self.release_unet_and_text.store(true, Ordering::Relaxed);
     }
@@ -308,7 +308,13 @@ impl StableDiffusion {
         prompts: &[&str],
         options: &PromptOptions,
     ) -> anyhow::Result<PromptEmbeddings> {
-        self.prompt_encoder().encode(prompts, options)
+        let embeddings = self.prompt_encoder().encode(prompts, options)?;
+        if self.release_unet_and_text.load(Ordering::Relaxed) {
+            // The last batch needs the text encoders no more: their pages need not sit beside
+            // the U-Net's through denoising (SD 1.5's CLIP: 0.5 GB).
+            drop_resident(&self.text_files);
+        }
+        Ok(embeddings)
     }
 
     /// Latents to the VAE decoder's `[-1, 1]` image space, undoing the latent scaling.
@@ -317,12 +323,8 @@ impl StableDiffusion {
         // for the decoder: let them go rather than hold them through its peak.
         crate::kernels::release_kept_buffers();
         if self.release_unet_and_text.swap(false, Ordering::Relaxed) {
-            for file in &self.unet_and_text_files {
-                // SAFETY: inference never writes a weight in place: the U-Net's and text
-                // encoders' tensors are plain tensors (no `Var`s), and a LoRA merge or
-                // quantization replaces a buffer rather than writing into it.
-                unsafe { file.drop_resident() };
-            }
+            drop_resident(&self.unet_files);
+            drop_resident(&self.text_files);
         }
         let config = self.vae_config();
         let mut latents = (latents.to_dtype(self.vae_dtype)? / config.scaling_factor)?;
@@ -405,4 +407,15 @@ fn component_config<T>(
 
 fn component_error(weights: &Weights, part: Part) -> String {
     format!("cannot build the {}", weights.describe(part))
+}
+
+/// Takes the U-Net's or text encoders' mapped `files` out of resident memory (see
+/// [`MappedPages::drop_resident`]).
+fn drop_resident(files: &[MappedPages]) {
+    for file in files {
+        // SAFETY: inference never writes a weight in place: the U-Net's and text encoders'
+        // tensors are plain tensors (no `Var`s), and a LoRA merge or quantization replaces a
+        // buffer rather than writing into it.
+        unsafe { file.drop_resident() };
+    }
 }
