@@ -315,8 +315,9 @@ type Taps = [[f32; KERNEL_LANES]; 9];
 
 /// `G g Gᵀ` of one output channel's kernels (`[c_in, 3, 3]`) into `u` (`[n², c_in]`),
 /// `KERNEL_LANES` input channels at a time, each block's taps fetched by `gather` and its
-/// transform kept in registers: the transposition of the taps is what this costs, so it is
-/// one hardware gather per tap where the CPU has one (see `transforms_of!`).
+/// transform kept in registers. The taps' transposition was most of the scalar version's
+/// time, so it is one hardware gather per tap where the CPU has one (see `transforms_of!`);
+/// what remains is bound by writing `u`.
 #[inline(always)]
 fn kernel_transform<const M: usize, const N: usize>(
     scheme: &Scheme<M, N>,
